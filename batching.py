@@ -1,0 +1,235 @@
+"""A generic, deadline-aware micro-batching engine.
+
+    submit(item, deadline) --admit?--> pending deque --run(): _next_batch--> drop expired/cancelled
+        --> handle_batch(items) on the inference thread --> each future: result, or the batch's error
+
+It knows nothing of HTTP, images or models: it batches opaque items for one blocking callable.
+Every job carries an absolute deadline (event-loop time); work that cannot finish by it is never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class RejectedError(Exception):
+    """The job was refused before queueing; the caller may retry later (HTTP 503)."""
+
+
+class QueueFullError(RejectedError):
+    """The queue holds max_queue_size jobs; shed load."""
+
+
+class OverloadedError(RejectedError):
+    """The queue ahead is predicted to outlast the job's deadline."""
+
+
+class ShuttingDownError(RejectedError):
+    """The processor is closing and takes no more work."""
+
+
+class DeadlineExceededError(TimeoutError):
+    """The job's deadline passed (or would pass) before it could be computed."""
+
+
+class BatchSizeMismatchError(RuntimeError):
+    """handle_batch returned a different number of results than it was given items."""
+
+
+class BatchObserver(Protocol):
+    """Receives what the engine saw; metrics live here, not in the loop."""
+
+    def batch_done(
+        self, size: int, queue_waits_s: Sequence[float], run_s: float, ok: bool, queue_depth: int
+    ) -> None: ...
+
+    def dropped_before_compute(self, reason: str, count: int) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    item: Any
+    future: asyncio.Future[Any]
+    deadline: float
+    enqueued: float
+
+
+class BatchProcessor:
+    """Collect submitted items into batches for `handle_batch`, one batch at a time."""
+
+    def __init__(
+        self,
+        handle_batch: Callable[[list[Any]], Sequence[Any]],
+        *,
+        max_batch_size: int,
+        max_batch_delay_s: float,
+        max_queue_size: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._handle_batch = handle_batch
+        self._max_batch_size = max_batch_size
+        self._max_batch_delay_s = max_batch_delay_s
+        self._max_queue_size = max_queue_size
+        self._observer = observer
+        self._pending: deque[_Job] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # One thread owns the model: batches never overlap and the event loop never computes.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._closed = False
+        self._in_flight = 0
+        self._item_s = 0.0  # moving average of compute seconds per item; 0 until measured
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for a batch (not counting the batch being computed)."""
+        return len(self._pending)
+
+    @property
+    def seconds_per_item(self) -> float:
+        """The measured compute time per item (moving average), 0 before the first batch."""
+        return self._item_s
+
+    def admit(self, deadline: float) -> None:
+        """Raise RejectedError if a job with this deadline would be refused now."""
+        if self._closed:
+            raise ShuttingDownError("shutting down")
+        if len(self._pending) >= self._max_queue_size:
+            self._drop("queue_full", 1)
+            raise QueueFullError(f"queue full ({self._max_queue_size} waiting)")
+        ahead = len(self._pending) + self._in_flight + 1
+        if self._item_s and asyncio.get_running_loop().time() + ahead * self._item_s > deadline:
+            self._drop("overloaded", 1)
+            raise OverloadedError(f"{ahead - 1} requests ahead would outlast the deadline")
+
+    async def submit(self, item: Any, deadline: float) -> Any:
+        """Queue one item and wait for its result; raise RejectedError at once if refused."""
+        self.admit(deadline)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(_Job(item, future, deadline, loop.time()))
+        self._wakeup.set()
+        # A caller that times out or disconnects cancels this await, and so the future: run() skips it.
+        return await future
+
+    async def run(self) -> None:
+        """Form and compute batches until cancelled; started and stopped by the owner's lifespan."""
+        while True:
+            try:
+                batch = await self._next_batch()
+                if batch:
+                    await self._run_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the service: later jobs would hang
+                logger.exception("batching loop error; continuing")
+
+    async def close(self, runner: asyncio.Task[None], drain_timeout_s: float) -> None:
+        """Refuse new work; let queued work finish within drain_timeout_s, then fail what is still queued.
+
+        A batch already computing always finishes: its thread cannot be interrupted anyway.
+        """
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout_s):
+                await self._wait_idle()
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(ShuttingDownError("shut down before this request was computed"))
+        await self._wait_idle()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    async def _wait_idle(self) -> None:
+        while self._pending or self._in_flight:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def _next_batch(self) -> list[_Job]:
+        loop = asyncio.get_running_loop()
+        while not self._pending:
+            self._idle.set()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if self._max_batch_delay_s > 0 and len(self._pending) < self._max_batch_size:
+            # Wait for company, counted from the oldest job's arrival, not from when we started looking.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(self._pending[0].enqueued + self._max_batch_delay_s):
+                    while len(self._pending) < self._max_batch_size:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+        now = loop.time()
+        # A job that cannot finish before its deadline is dropped now rather than computed in vain.
+        expected_s = self._item_s * min(len(self._pending), self._max_batch_size)
+        batch: list[_Job] = []
+        expired = cancelled = 0
+        while self._pending and len(batch) < self._max_batch_size:
+            job = self._pending.popleft()
+            if job.future.done():  # its caller gave up (timeout or disconnect) and cancelled it
+                if job.deadline <= now:
+                    expired += 1
+                else:
+                    cancelled += 1
+            elif job.deadline <= now + expected_s:
+                job.future.set_exception(DeadlineExceededError("deadline passed while queued"))
+                expired += 1
+            else:
+                batch.append(job)
+        if expired:
+            self._drop("expired", expired)
+        if cancelled:
+            self._drop("cancelled", cancelled)
+        return batch
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._in_flight = len(batch)
+        ok = False
+        try:
+            results = await loop.run_in_executor(self._executor, self._handle_batch, [j.item for j in batch])
+            if len(results) != len(batch):
+                raise BatchSizeMismatchError(f"handle_batch returned {len(results)} results for {len(batch)} items")
+        except asyncio.CancelledError:
+            self._fail(batch, ShuttingDownError("shut down while this request was computed"))
+            raise
+        except Exception as exc:
+            logger.exception("batch of %d failed", len(batch))
+            self._fail(batch, exc)
+        else:
+            ok = True
+            for job, result in zip(batch, results, strict=True):
+                if not job.future.done():  # skip done futures: a timed-out caller cancelled its own
+                    job.future.set_result(result)
+        finally:
+            self._in_flight = 0
+        run_s = loop.time() - started
+        if ok:
+            per_item = run_s / len(batch)
+            self._item_s = per_item if not self._item_s else 0.8 * self._item_s + 0.2 * per_item
+        if self._observer is not None:
+            waits = [started - j.enqueued for j in batch]
+            self._observer.batch_done(len(batch), waits, run_s, ok, len(self._pending))
+
+    def _fail(self, batch: list[_Job], exc: BaseException) -> None:
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+    def _drop(self, reason: str, count: int) -> None:
+        if self._observer is not None:
+            self._observer.dropped_before_compute(reason, count)
+

@@ -1,0 +1,62 @@
+"""Image classification task: the plugin surface the service loads (see task.TaskModule)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from classification.images import open_rgb
+from classification.model import Classifier, load_classifier
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Prediction = dict[str, Any]
+
+
+def get_model(settings: Settings) -> Classifier:
+    """Load the configured classifier from local files."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return load_classifier(settings.model, settings.model_weights, device=settings.device,
+                           top_k=settings.top_k, max_pixels=settings.max_image_pixels, bf16=settings.bf16)
+
+
+def warm_up(model: Classifier, max_batch_size: int) -> None:
+    """Run the smallest and largest batch once, so the first requests do not pay for it."""
+    item = np.zeros((model.crop, model.crop, 3), dtype=np.uint8)
+    for size in sorted({1, max_batch_size}):
+        batch_classification(model, [item] * size)
+
+
+def preprocess(model: Classifier, data: bytes) -> np.ndarray:
+    """Decode one upload to a crop x crop x 3 uint8 array: resize the shorter side, centre-crop."""
+    image = open_rgb(data, max_pixels=model.max_pixels)
+    width, height = image.size
+    scale = model.resize / min(width, height)
+    size = (max(model.crop, round(width * scale)), max(model.crop, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = (size[0] - model.crop) // 2, (size[1] - model.crop) // 2
+    image = image.crop((left, top, left + model.crop, top + model.crop))
+    return np.asarray(image)
+
+
+def batch_classification(model: Classifier, items: list[np.ndarray]) -> list[list[Prediction]]:
+    """Classify a batch of preprocessed images; return the top-k predictions of each, in order."""
+    # Stacking HWC arrays and permuting gives NCHW with channels_last strides, at no copy.
+    batch = torch.from_numpy(np.stack(items)).to(model.device).permute(0, 3, 1, 2)
+    with torch.inference_mode(), model.autocast():
+        logits = model.net((batch.float() - model.mean) / model.std)
+    probs = torch.softmax(logits.float(), dim=1)
+    scores, indices = probs.topk(model.top_k, dim=1)
+    return [
+        [{"label": model.labels[i], "index": i, "score": round(s, 4)}
+         for s, i in zip(row_s, row_i, strict=True)]
+        for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True)
+    ]

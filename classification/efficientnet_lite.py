@@ -1,0 +1,97 @@
+"""EfficientNet-Lite0, written to load the TensorFlow-converted checkpoint exactly.
+
+Lite differs from EfficientNet-B0: no squeeze-and-excitation, ReLU6 instead of swish, fixed stem
+and head. The checkpoint was trained in TensorFlow, so stride-2 convolutions use TF "same" padding
+(asymmetric: the extra row/column goes bottom/right) and BatchNorm uses eps 1e-3; with PyTorch's
+symmetric padding the weights still load but the predictions change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3
+# (kernel, stride, expand ratio, output channels, repeats) per stage, as in the TF reference.
+LITE0_STAGES = [
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+]
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "same" padding, computed from the input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1], strict=True):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _conv(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    if stride == 1:  # odd kernel, stride 1: TF "same" is symmetric, so plain padding is exact
+        return nn.Conv2d(cin, cout, k, stride, padding=k // 2, groups=groups, bias=False)
+    return SameConv2d(cin, cout, k, stride, groups=groups, bias=False)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise kxk, 1x1 project; identity skip when shapes match."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = _conv(cin, mid)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._depthwise_conv = _conv(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._project_conv = _conv(mid, cout)
+        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.has_expand:
+            out = F.relu6(self._bn0(self._expand_conv(out)))
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.residual else out
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite with the parameter names of the converted checkpoint (`_conv_stem`, `_blocks.N`...)."""
+
+    def __init__(self, stages: list[tuple[int, int, int, int, int]] = LITE0_STAGES, num_classes: int = 1000,
+                 stem: int = 32, head: int = 1280, dropout: float = 0.2) -> None:
+        super().__init__()
+        self._conv_stem = _conv(3, stem, 3, 2)
+        self._bn0 = nn.BatchNorm2d(stem, eps=BN_EPS)
+        blocks: list[nn.Module] = []
+        cin = stem
+        for kernel, stride, expand, cout, repeats in stages:
+            for i in range(repeats):
+                blocks.append(MBConvBlock(cin, cout, kernel, stride if i == 0 else 1, expand))
+                cin = cout
+        self._blocks = nn.Sequential(*blocks)
+        self._conv_head = _conv(cin, head)
+        self._bn1 = nn.BatchNorm2d(head, eps=BN_EPS)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(head, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = self._blocks(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self._fc(self._dropout(x))

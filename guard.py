@@ -1,0 +1,76 @@
+"""ASGI middleware at the edge: stamp each request's arrival, cap its body, count and log it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from fastapi import HTTPException, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from metrics import Metrics
+
+access_log = logging.getLogger("service.access")
+ROUTES = frozenset({"/cls", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+
+
+def arrival_time(request: Request) -> float:
+    """The event-loop time at which the request's first byte reached the app."""
+    arrival: float = request.scope["state"]["arrival"]
+    return arrival
+
+
+class RequestGuard:
+    """Refuse bodies over `max_body_bytes` (413) without reading them whole; time every request."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, log_requests: bool) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        arrival = loop.time()
+        scope.setdefault("state", {})["arrival"] = arrival
+        status = 500
+        limit = self.max_body_bytes
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # a chunked or lying upload: stop reading here
+                    raise HTTPException(413, f"request body over the limit of {limit} bytes")
+            return message
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            declared = dict(scope["headers"]).get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                body = json.dumps({"detail": f"request body of {int(declared)} bytes is over the limit of {limit}"})
+                await send_status({"type": "http.response.start", "status": 413,
+                                   "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                await send_status({"type": "http.response.body", "body": body.encode()})
+                return
+            await self.app(scope, limited_receive, send_status)
+        finally:
+            path = scope["path"] if scope["path"] in ROUTES else "other"
+            latency_s = loop.time() - arrival
+            self.metrics.request_done(path, status, latency_s)
+            if self.log_requests:
+                access_log.info("request", extra={"method": scope["method"], "path": scope["path"],
+                                                  "status": status, "latency_ms": round(latency_s * 1000, 2)})

@@ -1,0 +1,53 @@
+"""Service settings, read from the environment (names are case-insensitive)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each default is listed in the README table."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    # The task module: get_model / preprocess / batch_classification.
+    task_module: str = "classification"
+
+    # One deadline per request, from arrival to answer. The seed's name: compose sets `timeout=1.0`.
+    timeout: float = Field(2.0, gt=0)
+    max_batch_size: int = Field(8, ge=1)
+    max_batch_delay_ms: float = Field(0.0, ge=0)
+    max_queue_size: int = Field(64, ge=1)
+
+    # Model.
+    model: str = "efficientnet_lite0"
+    model_weights: str | None = None
+    top_k: int = Field(5, ge=1)
+    device: str = "cpu"
+    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default
+    preprocess_workers: int = Field(1, ge=1)
+    bf16: bool = False
+    compile: bool = False
+
+    # Input limits.
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+
+    # Process.
+    host: str = "0.0.0.0"
+    port: int = Field(5001, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = False
+    log_requests: bool = False
+
+    @model_validator(mode="after")
+    def _delay_below_timeout(self) -> Settings:
+        if self.max_batch_delay_ms / 1000 >= self.timeout:
+            raise ValueError(
+                f"max_batch_delay_ms ({self.max_batch_delay_ms}) must be below "
+                f"timeout ({self.timeout} s): every request would time out"
+            )
+        return self

@@ -1,0 +1,65 @@
+"""A deterministic task module obeying the contract: the engine's and the app's stand-in for a model.
+
+Items are the uploaded bytes; each result names its item, so tests can check order. Tests steer
+the current model through its events and flags, and reach it with `latest()`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from task import InvalidInputError
+
+# Set by default; a test clears it to hold warm-up (and so readiness) back.
+WARM_GATE = threading.Event()
+WARM_GATE.set()
+_models: list[FakeModel] = []
+
+
+@dataclass
+class FakeModel:
+    batches: list[list[bytes]] = field(default_factory=list)  # every batch computed, in order
+    gate: threading.Event = field(default_factory=threading.Event)  # batches wait here; set = open
+    entered: threading.Event = field(default_factory=threading.Event)  # set once a batch has started
+    fail_with: Exception | None = None
+    drop_one_result: bool = False
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+
+def latest() -> FakeModel:
+    """The model of the most recently started app."""
+    return _models[-1]
+
+
+def get_model(settings: Any) -> FakeModel:
+    model = FakeModel()
+    _models.append(model)
+    return model
+
+
+def warm_up(model: FakeModel, max_batch_size: int) -> None:
+    if not WARM_GATE.wait(timeout=30):
+        raise RuntimeError("warm gate never opened")
+
+
+def preprocess(model: FakeModel, data: bytes) -> bytes:
+    if not data:
+        raise InvalidInputError("empty upload")
+    if data.startswith(b"bad"):
+        raise InvalidInputError("not an image")
+    return data
+
+
+def batch_classification(model: FakeModel, items: list[bytes]) -> list[list[dict[str, Any]]]:
+    model.entered.set()
+    if not model.gate.wait(timeout=30):
+        raise RuntimeError("gate never opened")
+    model.batches.append(list(items))
+    if model.fail_with is not None:
+        raise model.fail_with
+    results = [[{"label": item.decode(errors="replace"), "index": len(item), "score": 1.0}] for item in items]
+    return results[:-1] if model.drop_one_result else results
