@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -88,7 +89,7 @@ class BatchProcessor:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._closed = False
         self._in_flight = 0
-        self._item_s = 0.0  # moving average of compute seconds per item; 0 until measured
+        self._item_times: deque[float] = deque(maxlen=8)  # compute seconds per item, last batches
 
     @property
     def queue_depth(self) -> int:
@@ -97,8 +98,8 @@ class BatchProcessor:
 
     @property
     def seconds_per_item(self) -> float:
-        """The measured compute time per item (moving average), 0 before the first batch."""
-        return self._item_s
+        """Compute time per item, the median of the last batches (robust to one stalled batch); 0 before any."""
+        return statistics.median(self._item_times) if self._item_times else 0.0
 
     def admit(self, deadline: float) -> None:
         """Raise RejectedError if a job with this deadline would be refused now."""
@@ -107,10 +108,12 @@ class BatchProcessor:
         if len(self._pending) >= self._max_queue_size:
             self._drop("queue_full", 1)
             raise QueueFullError(f"queue full ({self._max_queue_size} waiting)")
-        ahead = len(self._pending) + self._in_flight + 1
-        if self._item_s and asyncio.get_running_loop().time() + ahead * self._item_s > deadline:
-            self._drop("overloaded", 1)
-            raise OverloadedError(f"{ahead - 1} requests ahead would outlast the deadline")
+        # Only a real queue is a reason to refuse: with none, a wrong estimate cannot lock us out.
+        if self._pending:
+            ahead = len(self._pending) + self._in_flight
+            if asyncio.get_running_loop().time() + (ahead + 1) * self.seconds_per_item > deadline:
+                self._drop("overloaded", 1)
+                raise OverloadedError(f"{ahead} requests ahead would outlast the deadline")
 
     async def submit(self, item: Any, deadline: float) -> Any:
         """Queue one item and wait for its result; raise RejectedError at once if refused."""
@@ -172,22 +175,32 @@ class BatchProcessor:
                         self._wakeup.clear()
                         await self._wakeup.wait()
         now = loop.time()
-        # A job that cannot finish before its deadline is dropped now rather than computed in vain.
-        expected_s = self._item_s * min(len(self._pending), self._max_batch_size)
+        # A job predicted to miss its deadline is dropped rather than computed in vain, but only in
+        # favour of others: computing it when nothing else waits costs nothing and refreshes the estimate.
+        expected_s = self.seconds_per_item * min(len(self._pending), self._max_batch_size)
         batch: list[_Job] = []
+        doomed: list[_Job] = []
         expired = cancelled = 0
-        while self._pending and len(batch) < self._max_batch_size:
+        while self._pending and len(batch) + len(doomed) < self._max_batch_size:
             job = self._pending.popleft()
             if job.future.done():  # its caller gave up (timeout or disconnect) and cancelled it
                 if job.deadline <= now:
                     expired += 1
                 else:
                     cancelled += 1
-            elif job.deadline <= now + expected_s:
+            elif job.deadline <= now:
                 job.future.set_exception(DeadlineExceededError("deadline passed while queued"))
                 expired += 1
+            elif job.deadline <= now + expected_s:
+                doomed.append(job)
             else:
                 batch.append(job)
+        if batch:
+            for job in doomed:
+                job.future.set_exception(DeadlineExceededError("deadline would pass before the batch finished"))
+            expired += len(doomed)
+        else:
+            batch = doomed
         if expired:
             self._drop("expired", expired)
         if cancelled:
@@ -218,8 +231,7 @@ class BatchProcessor:
             self._in_flight = 0
         run_s = loop.time() - started
         if ok:
-            per_item = run_s / len(batch)
-            self._item_s = per_item if not self._item_s else 0.8 * self._item_s + 0.2 * per_item
+            self._item_times.append(run_s / len(batch))
         if self._observer is not None:
             waits = [started - j.enqueued for j in batch]
             self._observer.batch_done(len(batch), waits, run_s, ok, len(self._pending))

@@ -21,6 +21,7 @@ _models: list[FakeModel] = []
 @dataclass
 class FakeModel:
     batches: list[list[bytes]] = field(default_factory=list)  # every batch computed, in order
+    preprocessed: list[bytes] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)  # batches wait here; set = open
     entered: threading.Event = field(default_factory=threading.Event)  # set once a batch has started
     fail_with: Exception | None = None
@@ -51,6 +52,7 @@ def preprocess(model: FakeModel, data: bytes) -> bytes:
         raise InvalidInputError("empty upload")
     if data.startswith(b"bad"):
         raise InvalidInputError("not an image")
+    model.preprocessed.append(data)
     return data
 
 

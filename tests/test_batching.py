@@ -199,10 +199,19 @@ async def test_predicted_miss_is_refused_at_arrival(make: Any, recorder: Recorde
     processor = make(max_batch_size=1)
     await processor.submit("measure", later())  # gives the engine a compute-time estimate
     assert processor.seconds_per_item > 0
+    loop = asyncio.get_running_loop()
+    processor.admit(loop.time())  # nothing queued: admitted whatever the estimate says
+    recorder.gate.clear()
+    running = asyncio.create_task(processor.submit("running", later()))
+    await wait_entered(recorder)
+    queued = asyncio.create_task(processor.submit("queued", later()))
+    await asyncio.sleep(0)
     with pytest.raises(OverloadedError):
-        processor.admit(asyncio.get_running_loop().time() + processor.seconds_per_item / 10)
+        processor.admit(loop.time() + processor.seconds_per_item)  # two items ahead cannot finish by then
     processor.admit(later())  # a reachable deadline is admitted
     assert observer.drops["overloaded"] == 1
+    recorder.gate.set()
+    assert [await running, await queued] == ["rrunning", "rqueued"]
 
 
 async def test_close_finishes_running_and_fails_pending(recorder: Recorder, observer: Observer) -> None:
