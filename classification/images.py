@@ -10,8 +10,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from task import InputTooLargeError, InvalidInputError, UnsupportedInputError
 
-# What we decode. MPO is how many cameras and phones label their JPEGs.
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# What we decode. (Camera JPEGs that Pillow labels MPO are opened by its JPEG plugin.)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF")
 # Recognised by their first bytes but not accepted (Pillow cannot decode them, or should not: EPS runs Ghostscript).
 _KNOWN_UNSUPPORTED = {
     b"%PDF": "PDF",
@@ -20,7 +20,7 @@ _KNOWN_UNSUPPORTED = {
     b"<svg": "SVG",
     b"<?xm": "SVG/XML",
 }
-_FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+_FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF"}
 
 Image.init()  # register every plugin now: `formats=` only knows plugins already loaded
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey half-image
@@ -51,7 +51,9 @@ def open_rgb(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> 
                 f"unsupported image format {name}; send one of {', '.join(ACCEPTED_FORMATS)}"
             ) from None
         raise InvalidInputError("not an image: the upload is not a recognised image format") from None
-    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own backstop, far above our limit
+        raise InputTooLargeError(f"image is over the pixel limit of {max_pixels}: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidInputError(f"corrupt image header: {exc}") from None
     width, height = image.size
     if width < 1 or height < 1:
