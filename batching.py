@@ -62,6 +62,7 @@ class _Job:
     future: asyncio.Future[Any]
     deadline: float
     enqueued: float
+    info: dict[str, float] | None
 
 
 class BatchProcessor:
@@ -115,12 +116,15 @@ class BatchProcessor:
                 self._drop("overloaded", 1)
                 raise OverloadedError(f"{ahead} requests ahead would outlast the deadline")
 
-    async def submit(self, item: Any, deadline: float) -> Any:
-        """Queue one item and wait for its result; raise RejectedError at once if refused."""
+    async def submit(self, item: Any, deadline: float, info: dict[str, float] | None = None) -> Any:
+        """Queue one item and wait for its result; raise RejectedError at once if refused.
+
+        If given, `info` receives the item's `batch_size` and `queue_wait_s` when its batch starts.
+        """
         self.admit(deadline)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Job(item, future, deadline, loop.time()))
+        self._pending.append(_Job(item, future, deadline, loop.time(), info))
         self._wakeup.set()
         # A caller that times out or disconnects cancels this await, and so the future: run() skips it.
         return await future
@@ -211,6 +215,10 @@ class BatchProcessor:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._in_flight = len(batch)
+        for job in batch:
+            if job.info is not None:
+                job.info["batch_size"] = len(batch)
+                job.info["queue_wait_s"] = started - job.enqueued
         ok = False
         try:
             results = await loop.run_in_executor(self._executor, self._handle_batch, [j.item for j in batch])

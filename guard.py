@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import TYPE_CHECKING
 
 from fastapi import HTTPException, Request
@@ -72,5 +73,15 @@ class RequestGuard:
             latency_s = loop.time() - arrival
             self.metrics.request_done(path, status, latency_s)
             if self.log_requests:
-                access_log.info("request", extra={"method": scope["method"], "path": scope["path"],
-                                                  "status": status, "latency_ms": round(latency_s * 1000, 2)})
+                self._log(scope, status, latency_s)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, latency_s: float) -> None:
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        batch_size = scope["state"].get("batch", {}).get("batch_size")
+        latency_ms = round(latency_s * 1000, 2)
+        access_log.info("%s %s %d %.2fms batch=%s id=%s", scope["method"], scope["path"], status, latency_ms,
+                        batch_size, request_id,
+                        extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
+                               "status": status, "latency_ms": latency_ms, "batch_size": batch_size})

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from batching import BatchProcessor, RejectedError
 from guard import RequestGuard, arrival_time
+from logs import configure_logging
 from metrics import Metrics
 from settings import Settings
 from task import InputTooLargeError, TaskModule, UnsupportedInputError
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        configure_logging(settings.log_level, settings.log_json)
         task: TaskModule = importlib.import_module(settings.task_module)  # type: ignore[assignment]
         model = await asyncio.to_thread(task.get_model, settings)  # a bad MODEL fails start-up here
         batcher = BatchProcessor(
@@ -196,7 +198,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             data = await file.read()
             loop = asyncio.get_running_loop()
             item = await loop.run_in_executor(runtime.preprocess_pool, runtime.task.preprocess, runtime.model, data)
-            work = asyncio.ensure_future(runtime.batcher.submit(item, deadline))
+            request.state.batch = info = {}  # filled by the engine, read by the access log
+            work = asyncio.ensure_future(runtime.batcher.submit(item, deadline, info))
             try:
                 result = await _unless_disconnected(request, work)
             except (RejectedError, TimeoutError, ClientDisconnectedError):

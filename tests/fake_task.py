@@ -6,7 +6,9 @@ the current model through its events and flags, and reach it with `latest()`.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ class FakeModel:
     entered: threading.Event = field(default_factory=threading.Event)  # set once a batch has started
     fail_with: Exception | None = None
     drop_one_result: bool = False
+    batch_s: float = 0.0  # how long each batch "computes"; FAKE_BATCH_S sets it for server processes
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -37,7 +40,7 @@ def latest() -> FakeModel:
 
 
 def get_model(settings: Any) -> FakeModel:
-    model = FakeModel()
+    model = FakeModel(batch_s=float(os.environ.get("FAKE_BATCH_S", "0")))
     _models.append(model)
     return model
 
@@ -61,6 +64,8 @@ def batch_classification(model: FakeModel, items: list[bytes]) -> list[list[dict
     if not model.gate.wait(timeout=30):
         raise RuntimeError("gate never opened")
     model.batches.append(list(items))
+    if model.batch_s:
+        time.sleep(model.batch_s)
     if model.fail_with is not None:
         raise model.fail_with
     results = [[{"label": item.decode(errors="replace"), "index": len(item), "score": 1.0}] for item in items]

@@ -252,3 +252,16 @@ async def test_metrics_show_batching(client: httpx.AsyncClient) -> None:
     assert metric(text, 'http_requests_total{route="/cls",status="200"}') == 3
     assert metric(text, "batch_inference_seconds_count") >= 1
     assert metric(text, "model_warmup_seconds") >= 0
+
+
+async def test_json_request_log_has_id_status_latency_and_batch(make_client: MakeClient,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    async with make_client(log_requests=True, log_json=True) as client:
+        response = await client.post("/cls", headers={"x-request-id": "abc123"}, **upload(b"logged"))
+        assert response.status_code == 200
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    [entry] = [e for e in lines if e.get("request_id") == "abc123"]
+    assert entry["status"] == 200 and entry["path"] == "/cls" and entry["batch_size"] == 1
+    assert entry["latency_ms"] > 0 and entry["level"] == "INFO"
