@@ -40,6 +40,8 @@ class RequestGuard:
         loop = asyncio.get_running_loop()
         arrival = loop.time()
         scope.setdefault("state", {})["arrival"] = arrival
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        self.metrics.request_started(route)
         status = 500
         limit = self.max_body_bytes
         received = 0
@@ -69,9 +71,8 @@ class RequestGuard:
                 return
             await self.app(scope, limited_receive, send_status)
         finally:
-            path = scope["path"] if scope["path"] in ROUTES else "other"
             latency_s = loop.time() - arrival
-            self.metrics.request_done(path, status, latency_s)
+            self.metrics.request_done(route, status, latency_s)
             if self.log_requests:
                 self._log(scope, status, latency_s)
 

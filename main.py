@@ -7,8 +7,10 @@ One request: guard (arrival time, byte limit) -> /cls -> admit? -> preprocess (t
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -126,6 +128,22 @@ async def _unless_disconnected(request: Request, work: asyncio.Future[Any]) -> A
     raise ClientDisconnectedError("client disconnected before the answer was ready")
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed blocks instead of unmapping them (True if it took effect).
+
+    By default every forward pass mmaps its large activation buffers afresh and munmaps them after,
+    paying page faults each batch; keeping them roughly doubles eager CPU throughput here (see README).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service for these settings (from the environment when None)."""
     settings = settings or Settings()
@@ -134,6 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         configure_logging(settings.log_level, settings.log_json)
+        if settings.malloc_tuning and not keep_freed_memory():
+            logger.warning("MALLOC_TUNING is on but this C library has no glibc mallopt; skipped")
         task: TaskModule = importlib.import_module(settings.task_module)  # type: ignore[assignment]
         model = await asyncio.to_thread(task.get_model, settings)  # a bad MODEL fails start-up here
         batcher = BatchProcessor(

@@ -35,6 +35,8 @@ class Metrics:
                                 ["route", "status"], registry=r)
         self.latency = Histogram("http_request_duration_seconds", "Arrival to answer, by route",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_progress = Gauge("http_requests_in_progress", "Requests being handled now, by route",
+                                 ["route"], multiprocess_mode="livesum", registry=r)
         self.queue_wait = Histogram("batch_queue_wait_seconds", "Time from submit to the start of its batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("batch_size", "Items per computed batch", buckets=BATCH_BUCKETS, registry=r)
@@ -61,7 +63,11 @@ class Metrics:
     def dropped_before_compute(self, reason: str, count: int) -> None:
         self.dropped.labels(reason).inc(count)
 
+    def request_started(self, route: str) -> None:
+        self.in_progress.labels(route).inc()
+
     def request_done(self, route: str, status: int, latency_s: float) -> None:
+        self.in_progress.labels(route).dec()
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(latency_s)
 

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     device: str = "cpu"
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default
     preprocess_workers: int = Field(1, ge=1)
+    malloc_tuning: bool = True  # keep freed activation buffers mapped (glibc mallopt)
     bf16: bool = False
     compile: bool = False
 

@@ -70,6 +70,12 @@ def post(url: str, data: bytes, timeout: float = 30) -> httpx.Response:
     return httpx.post(f"{url}/cls", files={"file": ("photo.jpg", data, "image/jpeg")}, timeout=timeout)
 
 
+def in_progress(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    prefix = 'http_requests_in_progress{route="/cls"}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def test_uvicorn_serves_the_real_model() -> None:
     port = free_port()
     with server([str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)], port) as (url, _):
@@ -79,8 +85,10 @@ def test_uvicorn_serves_the_real_model() -> None:
         assert post(url, jpeg("coffee")).json()["prediction"][0]["label"] in {"espresso", "cup"}
         assert post(url, b"definitely not an image").status_code == 400
         photo = jpeg("chelsea")
-        with ThreadPoolExecutor(16) as pool:  # a 64-request burst
-            statuses = list(pool.map(lambda _: post(url, photo).status_code, range(64)))
+        limits = httpx.Limits(max_connections=16)
+        with httpx.Client(base_url=url, limits=limits, timeout=30) as http, ThreadPoolExecutor(16) as pool:
+            files = {"file": ("photo.jpg", photo, "image/jpeg")}
+            statuses = list(pool.map(lambda _: http.post("/cls", files=files).status_code, range(64)))  # a burst
         assert statuses == [200] * 64
         metrics = httpx.get(f"{url}/metrics").text
         count = float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("batch_size_count")))
@@ -123,7 +131,10 @@ def test_gunicorn_sigterm_drains_in_flight_requests() -> None:
     with server([str(BIN / "gunicorn"), "main:app", "-c", "gunicorn_config.py"], port, env) as (url, process):
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(post, url, f"item{i}".encode()) for i in range(12)]
-            time.sleep(0.2)  # every request is sent and the first batch is computing
+            deadline = time.monotonic() + 10
+            while in_progress(url) < 12:  # every request has reached the worker
+                assert time.monotonic() < deadline, "requests never arrived"
+                time.sleep(0.01)
             process.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]  # a reset connection would raise here
         assert [r.status_code for r in responses] == [200] * 12
