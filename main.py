@@ -7,10 +7,8 @@ One request: guard (arrival time, byte limit) -> /cls -> admit? -> preprocess (t
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import importlib
 import logging
-import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -22,6 +20,7 @@ from fastapi import Depends, FastAPI, File, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
+from allocator import keep_freed_memory
 from batching import BatchProcessor, RejectedError
 from guard import RequestGuard, arrival_time
 from logs import configure_logging
@@ -126,22 +125,6 @@ async def _unless_disconnected(request: Request, work: asyncio.Future[Any]) -> A
     if work in done:
         return work.result()
     raise ClientDisconnectedError("client disconnected before the answer was ready")
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc to keep freed blocks instead of unmapping them (True if it took effect).
-
-    By default every forward pass mmaps its large activation buffers afresh and munmaps them after,
-    paying page faults each batch; keeping them roughly doubles eager CPU throughput here (see README).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -31,7 +31,6 @@ class Settings(BaseSettings):
     preprocess_workers: int = Field(1, ge=1)
     malloc_tuning: bool = True  # keep freed activation buffers mapped (glibc mallopt)
     bf16: bool = False
-    compile: bool = False
 
     # Input limits.
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)

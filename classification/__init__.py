@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
+from torchvision.transforms.v2 import functional as tvf
 
-from classification.images import open_rgb
+from classification.images import decode_rgb, open_image
 from classification.model import Classifier, load_classifier
 
 if TYPE_CHECKING:
@@ -36,15 +36,19 @@ def warm_up(model: Classifier, max_batch_size: int) -> None:
 
 
 def preprocess(model: Classifier, data: bytes) -> np.ndarray:
-    """Decode one upload to a crop x crop x 3 uint8 array: resize the shorter side, centre-crop."""
-    image = open_rgb(data, max_pixels=model.max_pixels)
-    width, height = image.size
+    """Decode one upload to a crop x crop x 3 uint8 array: resize the shorter side, centre-crop.
+
+    Pillow decodes (big JPEGs at a DCT-reduced scale: 5x faster at 1080p); torch resizes, about 4x
+    faster than Pillow's resize on the channels-last view here (bench/preprocess.py measures both).
+    """
+    rgb = decode_rgb(open_image(data, max_pixels=model.max_pixels), draft_size=model.resize)
+    pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # CHW view of HWC memory: the fast layout
+    width, height = rgb.size
     scale = model.resize / min(width, height)
-    size = (max(model.crop, round(width * scale)), max(model.crop, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    left, top = (size[0] - model.crop) // 2, (size[1] - model.crop) // 2
-    image = image.crop((left, top, left + model.crop, top + model.crop))
-    return np.asarray(image)
+    size = [max(model.crop, round(height * scale)), max(model.crop, round(width * scale))]
+    pixels = tvf.resize(pixels, size, interpolation=tvf.InterpolationMode.BILINEAR, antialias=True)
+    top, left = (size[0] - model.crop) // 2, (size[1] - model.crop) // 2
+    return pixels[:, top:top + model.crop, left:left + model.crop].permute(1, 2, 0).numpy()
 
 
 def batch_classification(model: Classifier, items: list[np.ndarray]) -> list[list[Prediction]]:

@@ -32,11 +32,10 @@ def _unsupported_name(data: bytes) -> str | None:
     return _KNOWN_UNSUPPORTED.get(data[:4])
 
 
-def open_rgb(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """Decode `data` to an upright RGB image, or raise an InvalidInputError saying what was wrong.
+def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Read the header of `data` (no pixels yet), or raise an InvalidInputError saying what was wrong.
 
-    The pixel limit is checked on the header, before any pixel is allocated. With `draft_size`,
-    a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as its shorter side stays >= draft_size.
+    The pixel limit is checked here, before any pixel is allocated.
     """
     if not data:
         raise InvalidInputError("empty upload: the file has 0 bytes")
@@ -62,8 +61,18 @@ def open_rgb(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> 
         raise InputTooLargeError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
         )
+    return image
+
+
+def decode_rgb(image: Image.Image, *, draft_size: int | None = None) -> Image.Image:
+    """Decode an opened image to upright RGB.
+
+    With `draft_size`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, several
+    times faster on big photos) as long as its shorter side stays >= draft_size.
+    """
     try:
-        if draft_size and image.format in ("JPEG", "MPO"):
+        if draft_size and image.format == "JPEG":
+            width, height = image.size
             scale = min(width, height) / draft_size
             image.draft("RGB", (int(width / scale), int(height / scale)))
         image.load()

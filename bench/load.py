@@ -1,0 +1,240 @@
+"""HTTP load generator: closed loop (C clients), open loop (Poisson arrivals), and its own ceiling.
+
+Open loop launches each request at its scheduled time as its own task, whatever earlier ones are
+doing, and measures latency from that scheduled time: a slow server cannot hide its queue by slowing
+the generator down (no coordinated omission). Run as `python bench/load.py`; run.py imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import ssl
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from photos import SIZES, make_photos
+
+TIMEOUT = "timeout"  # no answer within the client deadline
+ERROR = "error"  # the connection failed: refused, reset, closed mid-answer
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int | str  # HTTP status, TIMEOUT or ERROR
+    latency_s: float  # from the scheduled send time to the end of the answer
+    lag_s: float | None = None  # how late the generator launched it (open loop only)
+
+
+class _Clients:
+    """One single-connection httpx client per concurrent request, reused from a free list.
+
+    One shared client would do, but its pool scans every connection on each request (encode/httpx#3215):
+    at 32 concurrent requests that made the generator, not the server, the bottleneck.
+    """
+
+    def __init__(self, deadline_s: float) -> None:
+        self._deadline_s = deadline_s
+        self._ssl = ssl.create_default_context()  # loaded once, not once per client
+        self._idle: list[httpx.AsyncClient] = []
+        self._all: list[httpx.AsyncClient] = []
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self._idle:
+            client = self._idle.pop()
+        else:
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            client = httpx.AsyncClient(limits=limits, timeout=self._deadline_s, verify=self._ssl)
+            self._all.append(client)
+        try:
+            yield client
+        finally:
+            self._idle.append(client)
+
+    async def __aenter__(self) -> _Clients:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for client in self._all:
+            await client.aclose()
+
+
+async def _send(clients: _Clients, url: str, body: bytes | None, deadline_at: float) -> int | str:
+    """Send one request (GET without a body, else an upload); its status, TIMEOUT or ERROR."""
+    try:
+        # httpx's timeout is per read; this bounds the whole request.
+        async with clients.client() as client, asyncio.timeout_at(deadline_at):
+            if body is None:
+                response = await client.get(url)
+            else:
+                response = await client.post(url, files={"file": ("photo.jpg", body, "image/jpeg")})
+        return response.status_code
+    except (TimeoutError, httpx.TimeoutException):
+        return TIMEOUT
+    except httpx.TransportError:
+        return ERROR
+
+
+def _bodies(photos: list[bytes] | None) -> Iterator[bytes | None]:
+    return itertools.cycle(photos) if photos else itertools.repeat(None)
+
+
+def _percentiles_ms(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"p50": 1000 * p50, "p90": 1000 * p90, "p99": 1000 * p99, "max": 1000 * max(values)}
+
+
+def summarize(outcomes: list[Outcome], elapsed_s: float, deadline_s: float,
+              window_s: float | None = None) -> dict[str, Any]:
+    """Rates (per second of `window_s`, else of `elapsed_s`), latency percentiles (ms) and status counts."""
+    per_s = 1 / (window_s or elapsed_s)
+    answered = [o for o in outcomes if isinstance(o.status, int)]
+    ok = [o.latency_s for o in answered if o.status == 200]
+    not_ok = [o.latency_s for o in answered if o.status != 200]
+    return {
+        "sent": len(outcomes),
+        "elapsed_s": elapsed_s,
+        "completed_per_s": len(answered) * per_s,
+        "ok_per_s": len(ok) * per_s,
+        "goodput_per_s": sum(latency <= deadline_s for latency in ok) * per_s,
+        "latency_ok_ms": _percentiles_ms(ok),
+        "latency_all_ms": _percentiles_ms([o.latency_s for o in answered]),
+        "max_latency_non_200_ms": 1000 * max(not_ok) if not_ok else None,
+        "status_counts": dict(Counter(str(o.status) for o in outcomes)),
+        "launch_lag_ms": _percentiles_ms([o.lag_s for o in outcomes if o.lag_s is not None]),
+        "deadline_s": deadline_s,
+    }
+
+
+async def closed_loop(url: str, photos: list[bytes] | None, concurrency: int, duration_s: float,
+                      deadline_s: float = 10.0, max_requests: int = 1_000_000,
+                      progress: bool = True) -> dict[str, Any]:
+    """Run `concurrency` clients that each send the next request when the last one is answered."""
+    loop = asyncio.get_running_loop()
+    outcomes: list[Outcome] = []
+    bodies = _bodies(photos)
+    start = loop.time()
+    end = start + duration_s
+    async with _Clients(deadline_s) as clients:
+        with tqdm(desc=f"C={concurrency}", unit="req", disable=not progress, leave=False) as bar:
+
+            async def one_client() -> None:
+                while loop.time() < end and len(outcomes) < max_requests:
+                    sent = loop.time()
+                    status = await _send(clients, url, next(bodies), sent + deadline_s)
+                    outcomes.append(Outcome(status, loop.time() - sent))
+                    bar.update()
+
+            await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    result = summarize(outcomes, loop.time() - start, deadline_s)
+    result.update(mode="closed", concurrency=concurrency)
+    return result
+
+
+def poisson_offsets(rate: float, duration_s: float, seed: int = 0, max_requests: int = 1_000_000) -> list[float]:
+    """Arrival times in [0, duration_s) of a Poisson process of `rate` per second."""
+    rng = random.Random(seed)
+    offsets: list[float] = []
+    t = rng.expovariate(rate)
+    while t < duration_s and len(offsets) < max_requests:
+        offsets.append(t)
+        t += rng.expovariate(rate)
+    return offsets
+
+
+async def open_loop(url: str, photos: list[bytes], rate: float, duration_s: float, deadline_s: float,
+                    seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Send requests at Poisson arrival times, each as its own task bounded by `deadline_s`."""
+    loop = asyncio.get_running_loop()
+    offsets = poisson_offsets(rate, duration_s, seed)
+    bodies = _bodies(photos)
+    outcomes: list[Outcome] = []
+    async with _Clients(deadline_s) as clients:
+        with tqdm(total=len(offsets), desc=f"{rate:.0f}/s", unit="req", disable=not progress, leave=False) as bar:
+
+            async def one_request(scheduled: float, body: bytes | None) -> None:
+                launched = loop.time()
+                status = await _send(clients, url, body, scheduled + deadline_s)
+                outcomes.append(Outcome(status, loop.time() - scheduled, launched - scheduled))
+                bar.update()
+
+            start = loop.time()
+            tasks = []
+            for offset in offsets:
+                await asyncio.sleep(start + offset - loop.time())  # returns at once when already late
+                tasks.append(asyncio.create_task(one_request(start + offset, next(bodies))))
+            await asyncio.gather(*tasks)
+    # Rates per second of the arrival window, the one the offered rate refers to.
+    result = summarize(outcomes, loop.time() - start, deadline_s, window_s=duration_s)
+    result.update(mode="open", rate=rate)
+    return result
+
+
+async def ceiling(base_url: str, concurrency: int = 32, duration_s: float = 3.0,
+                  progress: bool = True) -> dict[str, Any]:
+    """The generator's own max rate: a closed loop against GET /healthz, which does no work."""
+    return await closed_loop(f"{base_url}/healthz", None, concurrency, duration_s, progress=progress)
+
+
+async def single(url: str, photo: bytes, deadline_s: float = 5.0) -> Outcome:
+    """Send one upload on a fresh connection."""
+    loop = asyncio.get_running_loop()
+    async with _Clients(deadline_s) as clients:
+        sent = loop.time()
+        status = await _send(clients, url, photo, sent + deadline_s)
+        return Outcome(status, loop.time() - sent)
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line: rates, latency of the 200s, statuses."""
+    ok = result["latency_ok_ms"] or {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    return (f"sent {result['sent']}, {result['completed_per_s']:.1f} answers/s, "
+            f"goodput {result['goodput_per_s']:.1f}/s, 200s p50/p90/p99 "
+            f"{ok['p50']:.0f}/{ok['p90']:.0f}/{ok['p99']:.0f} ms, {result['status_counts']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:5001", help="server base URL (default: %(default)s)")
+    parser.add_argument("--path", default="/cls", help="upload route (default: %(default)s)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, default=16, help="closed loop with C clients (default: 16)")
+    mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    mode.add_argument("--ceiling", action="store_true", help="the generator's max rate against GET /healthz")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds (default: %(default)s)")
+    parser.add_argument("--deadline", type=float, default=2.0, help="client deadline, s (default: %(default)s)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="640x480", help="photo size (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="open-loop arrival seed (default: 0)")
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = parser.parse_args()
+
+    url = args.url.rstrip("/") + args.path
+    photos = make_photos()[args.size]
+    if args.ceiling:
+        result = asyncio.run(ceiling(args.url.rstrip("/"), duration_s=args.duration))
+    elif args.rate:
+        result = asyncio.run(open_loop(url, photos, args.rate, args.duration, args.deadline, args.seed))
+    else:
+        result = asyncio.run(closed_loop(url, photos, args.concurrency, args.duration, args.deadline))
+    print(describe(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The limit without HTTP: JPEG bytes -> preprocess (thread pool) -> batched model, in one process.
+
+The pool preprocesses batch n+1 while the main thread runs the model on batch n, as the service does.
+Run as `python bench/offline.py`; run.py imports `measure`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the service's modules live in the repo root
+
+import torch  # noqa: E402
+
+import classification  # noqa: E402
+from allocator import keep_freed_memory  # noqa: E402
+from photos import SIZES, make_photos  # noqa: E402
+from settings import Settings  # noqa: E402
+
+
+def _images_per_s(model: Any, jpegs: list[bytes], batch_size: int, seconds: float, pool: ThreadPoolExecutor,
+                  warmup_batches: int = 2) -> float:
+    photos = itertools.cycle(jpegs)
+
+    def submit_batch() -> list[Future[Any]]:
+        return [pool.submit(classification.preprocess, model, next(photos)) for _ in range(batch_size)]
+
+    pending = submit_batch()
+    done, start = 0, time.perf_counter()
+    for step in itertools.count():
+        if step == warmup_batches:
+            done, start = 0, time.perf_counter()
+        batch = [future.result() for future in pending]
+        pending = submit_batch()  # decoded while the model runs on `batch`
+        classification.batch_classification(model, batch)
+        done += batch_size
+        if step >= warmup_batches and time.perf_counter() - start >= seconds:
+            break
+    elapsed = time.perf_counter() - start
+    for future in pending:
+        future.result()  # leave the pool idle for the next batch size
+    return done / elapsed
+
+
+def _single_image_ms(model: Any, jpegs: list[bytes], runs: int) -> dict[str, float]:
+    total, pre, infer = [], [], []
+    for jpeg in itertools.islice(itertools.cycle(jpegs), runs):
+        t0 = time.perf_counter()
+        item = classification.preprocess(model, jpeg)
+        t1 = time.perf_counter()
+        classification.batch_classification(model, [item])
+        t2 = time.perf_counter()
+        total.append(t2 - t0)
+        pre.append(t1 - t0)
+        infer.append(t2 - t1)
+    return {
+        "median_ms": 1000 * statistics.median(total),
+        "preprocess_median_ms": 1000 * statistics.median(pre),
+        "inference_median_ms": 1000 * statistics.median(infer),
+        "runs": runs,
+    }
+
+
+def measure(model: Any, jpegs: list[bytes], batch_sizes: list[int], seconds: float,
+            preprocess_workers: int = 1, latency_runs: int = 50) -> dict[str, Any]:
+    """Measure images/s per batch size (preprocessing overlapped) and sequential single-image latency."""
+    classification.warm_up(model, max(batch_sizes))
+    with ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess") as pool:
+        rows = [{"batch_size": b, "images_per_s": _images_per_s(model, jpegs, b, seconds, pool)}
+                for b in batch_sizes]
+    best = max(rows, key=lambda row: row["images_per_s"])
+    return {
+        "throughput": rows,
+        "best": best,
+        "single_image": _single_image_ms(model, jpegs, latency_runs),
+        "preprocess_workers": preprocess_workers,
+        "torch_threads": torch.get_num_threads(),
+        "seconds_per_batch_size": seconds,
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """Print the throughput table and the single-image latency."""
+    print(f"{'batch':>5}  {'images/s':>9}")
+    for row in result["throughput"]:
+        mark = "  <- best" if row is result["best"] else ""
+        print(f"{row['batch_size']:>5}  {row['images_per_s']:>9.1f}{mark}")
+    single = result["single_image"]
+    print(f"single image: {single['median_ms']:.1f} ms median of {single['runs']} "
+          f"(preprocess {single['preprocess_median_ms']:.1f} ms + model {single['inference_median_ms']:.1f} ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed run per batch size (default: %(default)s)")
+    parser.add_argument("--preprocess-workers", type=int, default=1, help="preprocessing threads (default: 1)")
+    parser.add_argument("--latency-runs", type=int, default=50, help="single-image runs (default: %(default)s)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="640x480", help="photo size (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = parser.parse_args()
+
+    keep_freed_memory()  # the same allocator set-up as the service
+    model = classification.get_model(Settings())
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    result = measure(model, make_photos()[args.size], batch_sizes, args.seconds, args.preprocess_workers,
+                     args.latency_runs)
+    result["size"] = args.size
+    print_table(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
