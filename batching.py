@@ -76,6 +76,7 @@ class BatchProcessor:
         max_batch_delay_s: float,
         max_queue_size: int,
         observer: BatchObserver | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self._handle_batch = handle_batch
         self._max_batch_size = max_batch_size
@@ -86,8 +87,11 @@ class BatchProcessor:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        # One thread owns the model: batches never overlap and the event loop never computes.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # One thread owns the model: batches never overlap and the event loop never computes. Pass the
+        # executor that loaded the model: torch's CPU kernels run about 2x slower when a second thread
+        # has also run them (each thread gets its own OpenMP team, and the idle team competes).
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._closed = False
         self._in_flight = 0
         self._item_times: deque[float] = deque(maxlen=8)  # compute seconds per item, last batches
@@ -158,7 +162,8 @@ class BatchProcessor:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        if self._owns_executor:
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def _wait_idle(self) -> None:
         while self._pending or self._in_flight:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
@@ -79,8 +79,8 @@ class Runtime:
     model: Any
     batcher: BatchProcessor
     preprocess_pool: ThreadPoolExecutor
+    model_thread: ThreadPoolExecutor
     ready: bool = False
-    background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -138,16 +138,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.malloc_tuning and not keep_freed_memory():
             logger.warning("MALLOC_TUNING is on but this C library has no glibc mallopt; skipped")
         task: TaskModule = importlib.import_module(settings.task_module)  # type: ignore[assignment]
-        model = await asyncio.to_thread(task.get_model, settings)  # a bad MODEL fails start-up here
+        # Everything that touches the model (load, warm-up, batches) runs on this one thread.
+        model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(model_thread, task.get_model, settings)  # a bad MODEL fails here
         batcher = BatchProcessor(
             partial(task.batch_classification, model),
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             observer=metrics,
+            executor=model_thread,
         )
         pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
-        runtime = Runtime(settings, task, model, batcher, pool)
+        runtime = Runtime(settings, task, model, batcher, pool, model_thread)
         runner = asyncio.create_task(batcher.run())
         warming = asyncio.create_task(_warm_up(runtime))
         try:
@@ -157,12 +161,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             warming.cancel()
             await batcher.close(runner, drain_timeout_s=settings.timeout)
             pool.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(model_thread.shutdown, wait=True)
 
     async def _warm_up(runtime: Runtime) -> None:
         # Slow (torch.compile can take a minute): /healthz answers meanwhile, /readyz says 503.
         started = asyncio.get_running_loop().time()
         try:
-            await asyncio.to_thread(runtime.task.warm_up, runtime.model, settings.max_batch_size)
+            await asyncio.get_running_loop().run_in_executor(
+                runtime.model_thread, runtime.task.warm_up, runtime.model, settings.max_batch_size)
         except Exception:
             logger.exception("warm-up failed; the service stays unready")
             return
