@@ -155,7 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner = asyncio.create_task(batcher.run())
         warming = asyncio.create_task(_warm_up(runtime))
         try:
-            yield {"runtime": runtime, "metrics": metrics}
+            yield {"runtime": runtime}
         finally:
             runtime.ready = False
             warming.cancel()
@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(model_thread.shutdown, wait=True)
 
     async def _warm_up(runtime: Runtime) -> None:
-        # Slow (torch.compile can take a minute): /healthz answers meanwhile, /readyz says 503.
+        # May be slow for a big model: /healthz answers meanwhile, /readyz and /cls say 503.
         started = asyncio.get_running_loop().time()
         try:
             await asyncio.get_running_loop().run_in_executor(
