@@ -114,9 +114,11 @@ class BatchProcessor:
             self._drop("queue_full", 1)
             raise QueueFullError(f"queue full ({self._max_queue_size} waiting)")
         # Only a real queue is a reason to refuse: with none, a wrong estimate cannot lock us out.
+        # The job waits for everything ahead and then computes in a batch of up to max_batch_size.
         if self._pending:
             ahead = len(self._pending) + self._in_flight
-            if asyncio.get_running_loop().time() + (ahead + 1) * self.seconds_per_item > deadline:
+            predicted_s = (ahead + self._max_batch_size) * self.seconds_per_item
+            if asyncio.get_running_loop().time() + predicted_s > deadline:
                 self._drop("overloaded", 1)
                 raise OverloadedError(f"{ahead} requests ahead would outlast the deadline")
 

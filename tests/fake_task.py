@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from task import InvalidInputError
+from task import InputTooLargeError, InvalidInputError, UnsupportedInputError
 
 # Set by default; a test clears it to hold warm-up (and so readiness) back.
 WARM_GATE = threading.Event()
@@ -55,6 +55,10 @@ def preprocess(model: FakeModel, data: bytes) -> bytes:
         raise InvalidInputError("empty upload")
     if data.startswith(b"bad"):
         raise InvalidInputError("not an image")
+    if data.startswith(b"%PDF"):
+        raise UnsupportedInputError("unsupported image format PDF")
+    if data.startswith(b"huge"):
+        raise InputTooLargeError("image is over the pixel limit")
     model.preprocessed.append(data)
     return data
 

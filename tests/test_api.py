@@ -49,11 +49,16 @@ async def test_missing_file_field_is_422(client: httpx.AsyncClient) -> None:
     assert response.json()["detail"][0]["loc"] == ["body", "file"]
 
 
-@pytest.mark.parametrize(("data", "message"), [(b"", "empty upload"), (b"bad bytes", "not an image")])
-async def test_bad_upload_is_400_and_next_request_succeeds(client: httpx.AsyncClient, data: bytes,
-                                                           message: str) -> None:
+@pytest.mark.parametrize(("data", "status", "message"), [
+    (b"", 400, "empty upload"),
+    (b"bad bytes", 400, "not an image"),
+    (b"%PDF-1.7", 415, "unsupported image format PDF"),
+    (b"huge", 413, "image is over the pixel limit"),
+])
+async def test_bad_upload_fails_alone_and_next_request_succeeds(client: httpx.AsyncClient, data: bytes, status: int,
+                                                               message: str) -> None:
     response = await client.post("/cls", **upload(data))
-    assert response.status_code == 400
+    assert response.status_code == status
     assert response.json() == {"detail": message}
     assert (await client.post("/cls", **upload(b"ok"))).status_code == 200
     assert fake_task.latest().batches == [[b"ok"]]  # the bad upload never reached the model

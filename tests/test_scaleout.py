@@ -89,6 +89,8 @@ def test_gunicorn_replaces_a_killed_worker() -> None:
         assert answered > 20
         assert errors <= 1  # at most the one request the killed worker was holding
         assert httpx.post(f"{url}/cls", files={"file": ("x", b"after")}).status_code == 200
+        # /metrics sums every worker, the killed one included (multiprocess mode), whichever answers it.
+        assert served(url) == answered + 1
 
 
 NGINX_CONF = """

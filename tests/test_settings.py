@@ -1,0 +1,31 @@
+"""Settings: environment names, defaults, and settings that refuse to start."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from settings import Settings
+
+
+def test_seed_lowercase_timeout_env_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("timeout", "1.0")  # as docker-compose.yml writes it
+    monkeypatch.setenv("MAX_BATCH_SIZE", "16")
+    settings = Settings()
+    assert settings.timeout == 1.0 and settings.max_batch_size == 16
+
+
+def test_defaults_batch_without_delay() -> None:
+    settings = Settings()
+    assert (settings.timeout, settings.max_batch_size, settings.max_batch_delay_ms, settings.top_k) == (2.0, 8, 0, 5)
+
+
+def test_batch_delay_must_be_below_timeout() -> None:
+    with pytest.raises(ValidationError, match=r"max_batch_delay_ms \(3000.0\) must be below timeout \(2.0 s\)"):
+        Settings(max_batch_delay_ms=3000)
+
+
+@pytest.mark.parametrize("field", ["timeout", "max_batch_size", "max_queue_size", "top_k"])
+def test_non_positive_values_are_refused(field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: 0})
