@@ -25,6 +25,10 @@ serve: $(VENV)/.run-deps
 test: $(VENV)/.test-deps
 	$(PY) -m pytest
 
+lint: $(VENV)/.test-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy *.py classification tests
+
 bench: $(VENV)/.test-deps
 	$(PY) -m pip install -r bench/requirements.txt
 	$(PY) bench/run.py

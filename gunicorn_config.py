@@ -38,7 +38,7 @@ def child_exit(server: object, worker: object) -> None:
     """Drop a dead worker's live gauges (queue depth) from the sums."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined,no-untyped-call]
 
 
 def on_exit(server: object) -> None:

@@ -44,7 +44,7 @@ class ClientDisconnectedError(Exception):
 
 
 # Looked up along the exception's MRO, most specific first; anything else is a 500.
-ERROR_STATUS: dict[type[BaseException], int] = {
+ERROR_STATUS: dict[type[Exception], int] = {
     InputTooLargeError: 413,
     UnsupportedInputError: 415,
     ValueError: 400,  # the task contract: preprocess raises ValueError on bad input
@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_logging(settings.log_level, settings.log_json)
         if settings.malloc_tuning and not keep_freed_memory():
             logger.warning("MALLOC_TUNING is on but this C library has no glibc mallopt; skipped")
-        task: TaskModule = importlib.import_module(settings.task_module)  # type: ignore[assignment]
+        task: TaskModule = importlib.import_module(settings.task_module)
         # Everything that touches the model (load, warm-up, batches) runs on this one thread.
         model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         loop = asyncio.get_running_loop()
@@ -207,7 +207,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             data = await file.read()
             loop = asyncio.get_running_loop()
             item = await loop.run_in_executor(runtime.preprocess_pool, runtime.task.preprocess, runtime.model, data)
-            request.state.batch = info = {}  # filled by the engine, read by the access log
+            info: dict[str, float] = {}  # filled by the engine, read by the access log
+            request.state.batch = info
             work = asyncio.ensure_future(runtime.batcher.submit(item, deadline, info))
             try:
                 result = await _unless_disconnected(request, work)

@@ -17,28 +17,28 @@ class Settings(BaseSettings):
     task_module: str = "classification"
 
     # One deadline per request, from arrival to answer. The seed's name: compose sets `timeout=1.0`.
-    timeout: float = Field(2.0, gt=0)
-    max_batch_size: int = Field(8, ge=1)
-    max_batch_delay_ms: float = Field(0.0, ge=0)
-    max_queue_size: int = Field(64, ge=1)
+    timeout: float = Field(default=2.0, gt=0)
+    max_batch_size: int = Field(default=8, ge=1)
+    max_batch_delay_ms: float = Field(default=0.0, ge=0)
+    max_queue_size: int = Field(default=64, ge=1)
 
     # Model.
     model: str = "efficientnet_lite0"
     model_weights: str | None = None
-    top_k: int = Field(5, ge=1)
+    top_k: int = Field(default=5, ge=1)
     device: str = "cpu"
-    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default
-    preprocess_workers: int = Field(1, ge=1)
+    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default
+    preprocess_workers: int = Field(default=1, ge=1)
     malloc_tuning: bool = True  # keep freed activation buffers mapped (glibc mallopt)
     bf16: bool = False
 
     # Input limits.
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=50_000_000, ge=1)
 
     # Process.
     host: str = "0.0.0.0"
-    port: int = Field(5001, ge=0, le=65535)
+    port: int = Field(default=5001, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = False
     log_requests: bool = False

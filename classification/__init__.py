@@ -48,7 +48,8 @@ def preprocess(model: Classifier, data: bytes) -> np.ndarray:
     size = [max(model.crop, round(height * scale)), max(model.crop, round(width * scale))]
     pixels = tvf.resize(pixels, size, interpolation=tvf.InterpolationMode.BILINEAR, antialias=True)
     top, left = (size[0] - model.crop) // 2, (size[1] - model.crop) // 2
-    return pixels[:, top:top + model.crop, left:left + model.crop].permute(1, 2, 0).numpy()
+    item: np.ndarray = pixels[:, top:top + model.crop, left:left + model.crop].permute(1, 2, 0).numpy()
+    return item
 
 
 def batch_classification(model: Classifier, items: list[np.ndarray]) -> list[list[Prediction]]:

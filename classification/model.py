@@ -72,7 +72,8 @@ def build_network(model: str, weights: Path | None) -> tuple[nn.Module, tuple[fl
         net: nn.Module = EfficientNetLite()
         path = weights or lite0_weights_path()
         # The TF-trained Lite models expect (pixel - 127) / 128, not the torchvision ImageNet statistics.
-        mean, std = (127.0,) * 3, (128.0,) * 3
+        mean: tuple[float, ...] = (127.0,) * 3
+        std: tuple[float, ...] = (128.0,) * 3
     else:
         if weights is None:
             raise ModelConfigError(f"MODEL={model} needs MODEL_WEIGHTS=/path/to/state_dict.pth (no downloads)")
@@ -95,7 +96,7 @@ def load_classifier(model: str, weights: str | None, *, device: str, top_k: int,
     """Build the Classifier described by the settings, ready for inference."""
     dev = resolve_device(device)
     net, mean, std = build_network(model, Path(weights) if weights else None)
-    net = net.to(dev, memory_format=torch.channels_last)
+    net = net.to(dev).to(memory_format=torch.channels_last)
     for p in net.parameters():
         p.requires_grad_(False)
     labels = imagenet_labels()
@@ -103,7 +104,9 @@ def load_classifier(model: str, weights: str | None, *, device: str, top_k: int,
         classes = net(torch.zeros(1, 3, 224, 224, device=dev)).shape[1]
     if classes != len(labels):
         raise ModelConfigError(f"MODEL={model} has {classes} outputs; ImageNet labels need {len(labels)}")
-    as_param = lambda v: torch.tensor(v, device=dev).view(1, 3, 1, 1)  # noqa: E731
-    return Classifier(net=net, device=dev, labels=labels, resize=256, crop=224, mean=as_param(mean),
-                      std=as_param(std), top_k=min(top_k, len(labels)), max_pixels=max_pixels, bf16=bf16)
+    def per_channel(values: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(values, device=dev).view(1, 3, 1, 1)
+
+    return Classifier(net=net, device=dev, labels=labels, resize=256, crop=224, mean=per_channel(mean),
+                      std=per_channel(std), top_k=min(top_k, len(labels)), max_pixels=max_pixels, bf16=bf16)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -220,15 +220,18 @@ async def test_disconnected_client_is_dropped_before_compute(settings: Settings)
                 await hang_up.wait()
                 return {"type": "http.disconnect"}
 
-            async def send(message: dict[str, Any]) -> None:
-                sent.append(message)
+            async def send(message: MutableMapping[str, Any]) -> None:
+                sent.append(dict(message))
 
             scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                      "scheme": "http", "path": "/cls", "raw_path": b"/cls", "query_string": b"",
                      "root_path": "", "server": ("test", 80), "client": ("127.0.0.1", 1),
                      "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
                      "state": dict(manager._state)}
-            gone = asyncio.create_task(manager.app(scope, receive, send))
+            async def call_app() -> None:
+                await manager.app(scope, receive, send)
+
+            gone = asyncio.create_task(call_app())
             await asyncio.sleep(0.1)  # it is queued behind the held batch
             hang_up.set()
             await asyncio.wait_for(gone, 5)

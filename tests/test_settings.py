@@ -28,4 +28,4 @@ def test_batch_delay_must_be_below_timeout() -> None:
 @pytest.mark.parametrize("field", ["timeout", "max_batch_size", "max_queue_size", "top_k"])
 def test_non_positive_values_are_refused(field: str) -> None:
     with pytest.raises(ValidationError, match=field):
-        Settings(**{field: 0})
+        Settings.model_validate({field: 0})
