@@ -118,9 +118,11 @@ class BatchProcessor:
         if self._pending:
             ahead = len(self._pending) + self._in_flight
             predicted_s = (ahead + self._max_batch_size) * self.seconds_per_item
-            if asyncio.get_running_loop().time() + predicted_s > deadline:
+            remaining_s = deadline - asyncio.get_running_loop().time()
+            if predicted_s > remaining_s:
                 self._drop("overloaded", 1)
-                raise OverloadedError(f"{ahead} requests ahead would outlast the deadline")
+                raise OverloadedError(f"{ahead} requests ahead: about {predicted_s * 1000:.0f} ms of work, "
+                                      f"{max(remaining_s, 0) * 1000:.0f} ms left before the deadline")
 
     async def submit(self, item: Any, deadline: float, info: dict[str, float] | None = None) -> Any:
         """Queue one item and wait for its result; raise RejectedError at once if refused.

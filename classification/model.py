@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from classification.efficientnet_lite import EfficientNetLite
+from classification.efficientnet_lite import EfficientNetLite, fold_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,10 @@ def build_network(model: str, weights: Path | None) -> tuple[nn.Module, tuple[fl
         raise ModelConfigError(f"MODEL_WEIGHTS={path} is not a file")
     state = torch.load(path, map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
-    return net.eval(), mean, std
+    net.eval()
+    if isinstance(net, EfficientNetLite):
+        net = fold_batchnorm(net)
+    return net, mean, std
 
 
 def load_classifier(model: str, weights: str | None, *, device: str, top_k: int, max_pixels: int,
