@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import statistics
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -94,7 +95,7 @@ class BatchProcessor:
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._closed = False
         self._in_flight = 0
-        self._item_times: deque[float] = deque(maxlen=8)  # compute seconds per item, last batches
+        self._item_times: deque[float] = deque(maxlen=8)  # compute seconds per item, last large batches
 
     @property
     def queue_depth(self) -> int:
@@ -103,7 +104,7 @@ class BatchProcessor:
 
     @property
     def seconds_per_item(self) -> float:
-        """Compute time per item, the median of the last batches (robust to one stalled batch); 0 before any."""
+        """Compute time per item: median of the last 8 batches at least half full; 0 before any."""
         return statistics.median(self._item_times) if self._item_times else 0.0
 
     def admit(self, deadline: float) -> None:
@@ -229,8 +230,9 @@ class BatchProcessor:
                 job.info["batch_size"] = len(batch)
                 job.info["queue_wait_s"] = started - job.enqueued
         ok = False
+        run_s = 0.0
         try:
-            results = await loop.run_in_executor(self._executor, self._handle_batch, [j.item for j in batch])
+            results, run_s = await loop.run_in_executor(self._executor, self._timed_batch, [j.item for j in batch])
             if len(results) != len(batch):
                 raise BatchSizeMismatchError(f"handle_batch returned {len(results)} results for {len(batch)} items")
         except asyncio.CancelledError:
@@ -246,12 +248,21 @@ class BatchProcessor:
                     job.future.set_result(result)
         finally:
             self._in_flight = 0
-        run_s = loop.time() - started
-        if ok:
+        # Estimate from batches at least half full: a queue drains in full batches, and small batches
+        # (cost per item up to 3x higher, and slowest while the loop is busy refusing work) would make a
+        # burst of refusals keep itself going.
+        if ok and 2 * len(batch) >= self._max_batch_size:
             self._item_times.append(run_s / len(batch))
         if self._observer is not None:
             waits = [started - j.enqueued for j in batch]
             self._observer.batch_done(len(batch), waits, run_s, ok, len(self._pending))
+
+    def _timed_batch(self, items: list[Any]) -> tuple[Sequence[Any], float]:
+        # Timed on the worker thread: a busy event loop must not inflate the compute estimate, or it
+        # would refuse more work, and the refusals would keep the loop busy.
+        started = time.perf_counter()
+        results = self._handle_batch(items)
+        return results, time.perf_counter() - started
 
     def _fail(self, batch: list[_Job], exc: BaseException) -> None:
         for job in batch:

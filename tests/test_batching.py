@@ -246,3 +246,11 @@ async def test_close_drains_queue_within_grace(recorder: Recorder, observer: Obs
     recorder.gate.set()
     await closing
     assert [await j for j in jobs] == ["r0", "r1", "r2", "r3", "r4"]
+
+
+async def test_only_large_batches_set_the_compute_estimate(make: Any, recorder: Recorder) -> None:
+    processor = make(max_batch_size=4, max_batch_delay_s=0.5)
+    await processor.submit("alone", later())  # a batch of 1: per-item cost is not what a queue drains at
+    assert processor.seconds_per_item == 0
+    await asyncio.gather(*(processor.submit(i, later()) for i in range(2)))  # half full
+    assert processor.seconds_per_item > 0

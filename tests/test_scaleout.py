@@ -108,8 +108,10 @@ http {{
         client_max_body_size 20m;
         location / {{
             proxy_pass http://classifier;
-            # A refused connection (an instance that stopped listening) is retried on the other one.
-            proxy_next_upstream error timeout;
+            # A failed connection to a stopping instance is retried on the other one. POST included
+            # (non_idempotent): classifying an image has no side effect, and a connection that sat in
+            # the backlog of a listener that just closed is reset after nginx has sent the request.
+            proxy_next_upstream error timeout non_idempotent;
         }}
     }}
 }}
