@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastapi import HTTPException, Request
@@ -18,20 +19,34 @@ access_log = logging.getLogger("service.access")
 ROUTES = frozenset({"/cls", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
 
 
+async def _answer(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def arrival_time(request: Request) -> float:
     """The event-loop time at which the request's first byte reached the app."""
     arrival: float = request.scope["state"]["arrival"]
     return arrival
 
 
-class RequestGuard:
-    """Refuse bodies over `max_body_bytes` (413) without reading them whole; time every request."""
+# Given the scope and the arrival time, a reason to refuse the request now (503), or None to go on.
+Admission = Callable[[Scope, float], str | None]
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, log_requests: bool) -> None:
+
+class RequestGuard:
+    """Refuse bodies over `max_body_bytes` (413) without reading them whole, and overload (503) before
+    reading the body at all; time every request."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, log_requests: bool,
+                 admission: Admission | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.log_requests = log_requests
+        self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,10 +79,13 @@ class RequestGuard:
         try:
             declared = dict(scope["headers"]).get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                body = json.dumps({"detail": f"request body of {int(declared)} bytes is over the limit of {limit}"})
-                await send_status({"type": "http.response.start", "status": 413,
-                                   "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-                await send_status({"type": "http.response.body", "body": body.encode()})
+                detail = f"request body of {int(declared)} bytes is over the limit of {limit}"
+                await _answer(send_status, 413, detail, [(b"connection", b"close")])
+                return
+            # Shedding here costs a fraction of a refusal after the multipart body has been parsed;
+            # the unread body is discarded by the server and the connection stays usable.
+            if self.admission is not None and (refusal := self.admission(scope, arrival)) is not None:
+                await _answer(send_status, 503, refusal, [(b"retry-after", b"1")])
                 return
             await self.app(scope, limited_receive, send_status)
         finally:

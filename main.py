@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
+from starlette.types import Scope
 
 from allocator import keep_freed_memory
 from batching import BatchProcessor, RejectedError
@@ -177,8 +178,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info("model warm; ready")
 
     app = FastAPI(title="Batched image classification", lifespan=lifespan)
+    def admit_early(scope: Scope, arrival: float) -> str | None:
+        """Refuse an upload before its body is read, when the batcher would refuse it anyway."""
+        runtime: Runtime | None = scope.get("state", {}).get("runtime")
+        if scope["path"] != "/cls" or runtime is None or not runtime.ready:
+            return None  # not an upload, or the route answers "not ready" itself
+        try:
+            runtime.batcher.admit(arrival + settings.timeout)
+        except RejectedError as exc:
+            return str(exc)
+        return None
+
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_upload_bytes, metrics=metrics,
-                       log_requests=settings.log_requests)
+                       log_requests=settings.log_requests, admission=admit_early)
     for exc_type in ERROR_STATUS:
         app.add_exception_handler(exc_type, _handle_error)
 
@@ -202,7 +214,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not runtime.ready:
             raise NotReadyError("model is not ready yet (loading or warming up)")
         deadline = arrival_time(request) + settings.timeout
-        runtime.batcher.admit(deadline)  # shed load before spending a decode on it
         async with asyncio.timeout_at(deadline):
             data = await file.read()
             loop = asyncio.get_running_loop()

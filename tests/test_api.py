@@ -129,6 +129,20 @@ async def test_full_queue_is_503_at_once_with_retry_after(make_client: MakeClien
         assert response.headers["retry-after"] == "1"
         assert "queue full" in response.json()["detail"]
         assert time.perf_counter() - started < 0.1
+        assert b"rejected" not in model.preprocessed
+
+        pulled = 0
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal pulled
+            for _ in range(10):
+                pulled += 1
+                yield b"x" * 500
+
+        refused = await client.post("/cls", content=body(),
+                                    headers={"content-type": "multipart/form-data; boundary=b0undary"})
+        assert refused.status_code == 503
+        assert pulled == 0  # refused at the edge: the upload was never read
         model.gate.set()
         assert (await running).status_code == 200
         assert (await queued).status_code == 200
