@@ -70,10 +70,11 @@ def post(url: str, data: bytes, timeout: float = 30) -> httpx.Response:
     return httpx.post(f"{url}/cls", files={"file": ("photo.jpg", data, "image/jpeg")}, timeout=timeout)
 
 
-def in_progress(url: str) -> float:
+def arrived(url: str) -> float:
+    """Uploads that reached the server: being handled now, or already answered."""
     text = httpx.get(f"{url}/metrics").text
-    prefix = 'http_requests_in_progress{route="/cls"}'
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+    prefixes = ('http_requests_in_progress{route="/cls"}', 'http_requests_total{route="/cls",')
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefixes))
 
 
 def test_uvicorn_serves_the_real_model() -> None:
@@ -132,7 +133,7 @@ def test_gunicorn_sigterm_drains_in_flight_requests() -> None:
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(post, url, f"item{i}".encode()) for i in range(12)]
             deadline = time.monotonic() + 10
-            while in_progress(url) < 12:  # every request has reached the worker
+            while arrived(url) < 12:  # every request has reached the worker
                 assert time.monotonic() < deadline, "requests never arrived"
                 time.sleep(0.01)
             process.send_signal(signal.SIGTERM)
