@@ -79,7 +79,8 @@ def arrived(url: str) -> float:
 
 def test_uvicorn_serves_the_real_model() -> None:
     port = free_port()
-    with server([str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)], port) as (url, _):
+    command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
+    with server(command, port, {"TIMEOUT": "10"}) as (url, _):  # a slow CI machine must not turn this into 504s
         response = post(url, jpeg("chelsea"))
         assert response.status_code == 200
         assert response.json()["prediction"][0]["label"] in CATS
