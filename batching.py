@@ -107,6 +107,11 @@ class BatchProcessor:
         """Compute time per item: median of the last 8 batches at least half full; 0 before any."""
         return statistics.median(self._item_times) if self._item_times else 0.0
 
+    @property
+    def slow_seconds_per_item(self) -> float:
+        """Compute time per item of the slowest of those 8 batches: what a batch may take on a bad turn."""
+        return max(self._item_times, default=0.0)
+
     def admit(self, deadline: float) -> None:
         """Raise RejectedError if a job with this deadline would be refused now."""
         if self._closed:
@@ -191,7 +196,10 @@ class BatchProcessor:
         now = loop.time()
         # A job predicted to miss its deadline is dropped rather than computed in vain, but only in
         # favour of others: computing it when nothing else waits costs nothing and refreshes the estimate.
-        expected_s = self.seconds_per_item * min(len(self._pending), self._max_batch_size)
+        # The prediction is pessimistic (the slowest recent batch, not the median): on a shared machine
+        # batch times vary by 2x, and under overload a job computed and then answered 504 costs a job
+        # behind it that would have made its deadline.
+        expected_s = self.slow_seconds_per_item * min(len(self._pending), self._max_batch_size)
         batch: list[_Job] = []
         doomed: list[_Job] = []
         expired = cancelled = 0

@@ -84,7 +84,8 @@ class Runtime:
     ready: bool = False
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
     runtime: Runtime = request.state.runtime
     return runtime
 

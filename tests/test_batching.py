@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -32,10 +33,12 @@ class Recorder:
         self.entered = threading.Event()
         self.error: Exception | None = None
         self.short = False
+        self.compute_s = 0.0  # how long each batch "computes" once through the gate
 
     def __call__(self, items: list[Any]) -> list[Any]:
         self.entered.set()
         assert self.gate.wait(10), "test gate never opened"
+        time.sleep(self.compute_s)
         self.batches.append(list(items))
         if self.error is not None:
             raise self.error
@@ -177,6 +180,29 @@ async def test_expired_job_is_dropped_before_compute(make: Any, recorder: Record
     with pytest.raises(DeadlineExceededError):
         await doomed
     assert all("late" not in b for b in recorder.batches)
+    assert observer.drops["expired"] == 1
+
+
+async def test_job_predicted_to_miss_in_its_batch_is_dropped(make: Any, recorder: Recorder,
+                                                            observer: Observer) -> None:
+    processor = make(max_batch_size=2)
+    for compute_s in (0.01, 0.01, 0.3):  # two fast batches and a slow one: median 0.01 s, slowest 0.3 s
+        recorder.compute_s = compute_s
+        await processor.submit(compute_s, later())
+    recorder.compute_s = 0.0
+    recorder.gate.clear()
+    running = asyncio.create_task(processor.submit("running", later()))
+    await wait_entered(recorder)
+    loop = asyncio.get_running_loop()
+    # Its batch of two could take 0.6 s on a slow turn: dropped, though the median (0.02 s) says it fits.
+    tight = asyncio.create_task(processor.submit("tight", loop.time() + 0.2))
+    loose = asyncio.create_task(processor.submit("loose", later()))
+    await asyncio.sleep(0)
+    recorder.gate.set()
+    assert [await running, await loose] == ["rrunning", "rloose"]
+    with pytest.raises(DeadlineExceededError):
+        await tight
+    assert all("tight" not in b for b in recorder.batches)
     assert observer.drops["expired"] == 1
 
 
