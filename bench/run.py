@@ -64,7 +64,7 @@ def median_headline(runs: list[dict[str, Any]]) -> dict[str, float | None]:
 def run_phase(server: RunningServer, work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
     """Run one load phase; add the server's mean batch size over it when it has /metrics."""
     before = batch_totals(server)
-    result = asyncio.run(work)
+    result = load.run(work)
     after = batch_totals(server)
     batches = after[1] - before[1] if before and after else 0
     result["mean_batch_size"] = (after[0] - before[0]) / batches if before and after and batches else None
@@ -96,7 +96,7 @@ def run_offline(photos: list[bytes], cfg: dict[str, Any], preprocess_workers: in
 def run_curve(server: RunningServer, photos: list[bytes], levels: list[int], cfg: dict[str, Any]) -> dict[str, Any]:
     """Closed loops at each concurrency, `repeats` times, after a short warm-up."""
     url = f"{server.base_url}/cls"
-    asyncio.run(load.closed_loop(url, photos, 4, cfg["warmup_seconds"], progress=False))
+    load.run(load.closed_loop(url, photos, 4, cfg["warmup_seconds"], progress=False))
     runs: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
     for i in range(cfg["repeats"]):
         for c in levels:
@@ -135,13 +135,13 @@ def run_overload_and_soak(spec: ServerSpec, log_dir: Path, photos: list[bytes], 
     results: dict[str, Any] = {}
     with serve(spec, log_dir) as server:
         url = f"{server.base_url}/cls"
-        asyncio.run(load.closed_loop(url, photos, 4, cfg["warmup_seconds"], progress=False))
+        load.run(load.closed_loop(url, photos, 4, cfg["warmup_seconds"], progress=False))
         if cfg["overload_seconds"] > 0:
             rate, runs, after = 2 * saturation, [], []
             for i in range(cfg["repeats"]):
                 runs.append(run_phase(server, load.open_loop(url, photos, rate, cfg["overload_seconds"], deadline_s,
                                                              seed=i)))
-                outcome = asyncio.run(load.single(url, photos[0]))
+                outcome = load.run(load.single(url, photos[0]))
                 after.append({"status": outcome.status, "latency_ms": 1000 * outcome.latency_s})
                 slowest = runs[-1]["max_latency_non_200_ms"]
                 print(f"overload {rate:.0f}/s run {i + 1}/{cfg['repeats']}: {load.describe(runs[-1])}; slowest "
@@ -235,7 +235,7 @@ def main() -> None:
     for name in names:
         with serve(server_specs()[name], log_dir) as server:
             if name == "ours":
-                results["ceiling"] = asyncio.run(load.ceiling(server.base_url, 32, cfg["ceiling_seconds"]))
+                results["ceiling"] = load.run(load.ceiling(server.base_url, 32, cfg["ceiling_seconds"]))
                 print(f"generator ceiling (GET /healthz, C=32): {load.describe(results['ceiling'])}")
             results["servers"][name] = run_curve(server, photos, levels, cfg)
         saturation = results["servers"][name][str(levels[-1])]["median"]["ok_per_s"]
