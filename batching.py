@@ -76,6 +76,7 @@ class BatchProcessor:
         max_batch_size: int,
         max_batch_delay_s: float,
         max_queue_size: int,
+        admit_fraction: float = 1.0,
         observer: BatchObserver | None = None,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
@@ -83,6 +84,7 @@ class BatchProcessor:
         self._max_batch_size = max_batch_size
         self._max_batch_delay_s = max_batch_delay_s
         self._max_queue_size = max_queue_size
+        self._admit_fraction = admit_fraction
         self._observer = observer
         self._pending: deque[_Job] = deque()
         self._wakeup = asyncio.Event()
@@ -120,12 +122,14 @@ class BatchProcessor:
             self._drop("queue_full", 1)
             raise QueueFullError(f"queue full ({self._max_queue_size} waiting)")
         # Only a real queue is a reason to refuse: with none, a wrong estimate cannot lock us out.
-        # The job waits for everything ahead and then computes in a batch of up to max_batch_size.
+        # The job waits for everything ahead and then computes in a batch of up to max_batch_size. It must
+        # fit in admit_fraction of the time it has left: batch times vary, and a job admitted to finish just
+        # before its deadline is likely to be computed and then answered too late.
         if self._pending:
             ahead = len(self._pending) + self._in_flight
             predicted_s = (ahead + self._max_batch_size) * self.seconds_per_item
             remaining_s = deadline - asyncio.get_running_loop().time()
-            if predicted_s > remaining_s:
+            if predicted_s > self._admit_fraction * remaining_s:
                 self._drop("overloaded", 1)
                 raise OverloadedError(f"{ahead} requests ahead: about {predicted_s * 1000:.0f} ms of work, "
                                       f"{max(remaining_s, 0) * 1000:.0f} ms left before the deadline")

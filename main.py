@@ -149,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
+            admit_fraction=settings.admit_fraction,
             observer=metrics,
             executor=model_thread,
         )

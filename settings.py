@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_delay_ms: float = Field(default=0.0, ge=0)
     max_queue_size: int = Field(default=64, ge=1)
+    # Admit a request only if the work ahead of it fits in this fraction of its remaining time.
+    admit_fraction: float = Field(default=0.7, gt=0, le=1)
 
     # Model.
     model: str = "efficientnet_lite0"

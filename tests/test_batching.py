@@ -280,3 +280,24 @@ async def test_only_large_batches_set_the_compute_estimate(make: Any, recorder: 
     assert processor.seconds_per_item == 0
     await asyncio.gather(*(processor.submit(i, later()) for i in range(2)))  # half full
     assert processor.seconds_per_item > 0
+
+
+async def test_admission_keeps_slack_for_slow_batches(make: Any, recorder: Recorder, observer: Observer) -> None:
+    processor = make(max_batch_size=1, admit_fraction=0.5)
+    recorder.compute_s = 0.02  # an estimate far above the microseconds this test takes between steps
+    await processor.submit("measure", later())
+    recorder.compute_s = 0.0
+    per_item = processor.seconds_per_item
+    recorder.gate.clear()
+    running = asyncio.create_task(processor.submit("running", later()))
+    await wait_entered(recorder)
+    queued = asyncio.create_task(processor.submit("queued", later()))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    # Three items' work (two ahead, its own) fits in four items' time, but not in half of it.
+    with pytest.raises(OverloadedError):
+        processor.admit(loop.time() + 4 * per_item)
+    processor.admit(loop.time() + 8 * per_item)
+    assert observer.drops["overloaded"] == 1
+    recorder.gate.set()
+    assert [await running, await queued] == ["rrunning", "rqueued"]
