@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     preprocess_workers: int = Field(default=1, ge=1)
     malloc_tuning: bool = True  # keep freed activation buffers mapped (glibc mallopt)
     bf16: bool = False
+    torch_compile: bool = False  # torch.compile, one graph per batch size, compiled during warm-up
 
     # Input limits.
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)

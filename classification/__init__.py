@@ -25,12 +25,14 @@ def get_model(settings: Settings) -> Classifier:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     return load_classifier(settings.model, settings.model_weights, device=settings.device,
-                           top_k=settings.top_k, max_pixels=settings.max_image_pixels, bf16=settings.bf16)
+                           top_k=settings.top_k, max_pixels=settings.max_image_pixels, bf16=settings.bf16,
+                           compile_for_batch_sizes=settings.max_batch_size if settings.torch_compile else 0)
 
 
 def warm_up(model: Classifier, max_batch_size: int) -> None:
-    """Run every batch size once: the first call of each shape costs 10-40x a normal one (oneDNN
-    builds its kernels per shape), which would slow the first requests and skew the engine's estimate."""
+    """Run every batch size twice: the first call of each shape costs 10-40x a normal one (oneDNN builds
+    its kernels per shape; with TORCH_COMPILE, torch.compile compiles a graph per shape, 10-30 s each),
+    which would slow the first requests and skew the engine's estimate."""
     item = np.zeros((model.crop, model.crop, 3), dtype=np.uint8)
     for size in range(1, max_batch_size + 1):
         for _ in range(2):

@@ -95,8 +95,12 @@ def build_network(model: str, weights: Path | None) -> tuple[nn.Module, tuple[fl
 
 
 def load_classifier(model: str, weights: str | None, *, device: str, top_k: int, max_pixels: int,
-                    bf16: bool) -> Classifier:
-    """Build the Classifier described by the settings, ready for inference."""
+                    bf16: bool, compile_for_batch_sizes: int = 0) -> Classifier:
+    """Build the Classifier described by the settings, ready for inference.
+
+    With compile_for_batch_sizes=N, the network is wrapped in torch.compile with one static graph per batch
+    size up to N; each graph is compiled on its first call (warm_up makes those calls before /readyz).
+    """
     dev = resolve_device(device)
     net, mean, std = build_network(model, Path(weights) if weights else None)
     net = net.to(dev).to(memory_format=torch.channels_last)
@@ -107,6 +111,11 @@ def load_classifier(model: str, weights: str | None, *, device: str, top_k: int,
         classes = net(torch.zeros(1, 3, 224, 224, device=dev)).shape[1]
     if classes != len(labels):
         raise ModelConfigError(f"MODEL={model} has {classes} outputs; ImageNet labels need {len(labels)}")
+    if compile_for_batch_sizes:
+        # Static shapes: a dynamic batch dimension did not finish compiling in 10 minutes here. One graph
+        # per batch size, so the recompile limit must admit them all, or dynamo falls back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, compile_for_batch_sizes)
+        net = torch.compile(net, dynamic=False)  # type: ignore[assignment]
     def per_channel(values: tuple[float, ...]) -> torch.Tensor:
         return torch.tensor(values, device=dev).view(1, 3, 1, 1)
 

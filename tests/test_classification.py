@@ -202,3 +202,20 @@ def test_model_needs_local_weights_and_loads_strictly(tmp_path: Path) -> None:
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), wrong)
     with pytest.raises(RuntimeError, match="state_dict"):
         classification.get_model(Settings(model="resnet18", model_weights=str(wrong)))
+
+
+def test_torch_compile_serves_the_same_answers(model: Classifier) -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = classification.get_model(Settings(torch_compile=True, max_batch_size=2))
+    classification.warm_up(compiled, 2)
+    assert counters["stats"]["unique_graphs"] == 2  # one graph per batch size, both compiled before serving
+    items = [classification.preprocess(model, encode(photo(n), "PNG")) for n in ("chelsea", "coffee")]
+    for batch in (items, items[:1]):
+        want = classification.batch_classification(model, batch)
+        got = classification.batch_classification(compiled, batch)
+        assert [[p["index"] for p in row] for row in got] == [[p["index"] for p in row] for row in want]
+        assert max(abs(g["score"] - w["score"]) for gr, wr in zip(got, want, strict=True)
+                   for g, w in zip(gr, wr, strict=True)) <= 1e-3
+    assert counters["stats"]["unique_graphs"] == 2  # serving compiled nothing new
