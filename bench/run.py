@@ -178,7 +178,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     ours = at("ours", sat, "ok_per_s")
     offline_median = results.get("offline", {}).get("median", {})
     c1, single = at("ours", low, "ok_p50_ms"), offline_median.get("single_image_ms")
+    # The offline limit at the service's own largest batch, beside the best over every batch size.
+    same_batch = next((row["images_per_s"] for row in offline_median.get("throughput", [])
+                       if row["batch_size"] == results["meta"]["max_batch_size"]), None)
     return {"ours_over_offline": div(ours, offline_median.get("best_images_per_s")),
+            "ours_over_offline_at_max_batch_size": div(ours, same_batch),
             "ours_over_naive": div(ours, at("naive", sat, "ok_per_s")),
             "ours_over_litserve": div(ours, at("litserve", sat, "ok_per_s")),
             "c1_p50_overhead_ms": c1 - single if c1 is not None and single is not None else None}
@@ -187,6 +191,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
 def meta(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from settings import Settings
+
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
     python = os.path.relpath(sys.executable)
@@ -194,8 +200,10 @@ def meta(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "size": args.size, "command": shlex.join([python, *sys.argv]), **cfg,
+            "max_batch_size": Settings().max_batch_size,
             "env": {k: v for k, v in os.environ.items() if k.upper() in ("THREADS", "MAX_BATCH_SIZE",
-                    "MAX_BATCH_DELAY_MS", "MAX_QUEUE_SIZE", "PREPROCESS_WORKERS", "TIMEOUT")}}
+                    "MAX_BATCH_DELAY_MS", "MAX_QUEUE_SIZE", "PREPROCESS_WORKERS", "TIMEOUT", "ADMIT_FRACTION",
+                    "TORCH_COMPILE", "BF16")}}
 
 
 def main() -> None:
