@@ -1,9 +1,10 @@
 """Benchmark everything in one go, with the same photos and the same load generator for every server.
 
-offline limit (no HTTP) -> generator ceiling -> closed loops at C=1,4,16 against ours (MAX_BATCH_DELAY_MS=0),
+offline limit (no HTTP, in a process of its own) -> generator ceiling -> closed loops at C=1,4,16 against ours (MAX_BATCH_DELAY_MS=0),
 ours-delay10ms (=10), the naive server and LitServe -> ours with TIMEOUT=1.0: open-loop overload at 2x
 saturation (+ one request right after), 70% soak -> bench/results/latest.json, PNG plots, README section.
-Full run: `.venv/bin/python bench/run.py` (about 17 minutes); smoke run: add `--quick`.
+Full run: `.venv/bin/python bench/run.py` (about 20 minutes); smoke run: add `--quick`. Variants measured on
+demand: `--servers ours,ours-preprocess2,ours-compile` (PREPROCESS_WORKERS=2, TORCH_COMPILE=true).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import platform
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Coroutine
@@ -24,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import load
-import offline
 import report
 from photos import SIZES, make_photos
 from servers import ROOT, RunningServer, ServerSpec, batch_totals, memory_kib, sample_memory, serve, server_specs
+
+sys.path.insert(0, str(ROOT))  # settings.py, for the run's meta
 
 FULL = {"repeats": 3, "seconds": 10.0, "offline_seconds": 10.0, "overload_seconds": 30.0, "soak_seconds": 300.0,
         "warmup_seconds": 3.0, "ceiling_seconds": 5.0, "latency_runs": 50}
@@ -71,19 +74,18 @@ def run_phase(server: RunningServer, work: Coroutine[Any, Any, dict[str, Any]]) 
     return result
 
 
-def run_offline(photos: list[bytes], cfg: dict[str, Any], preprocess_workers: int) -> dict[str, Any]:
-    import classification
-    from allocator import keep_freed_memory
-    from settings import Settings
-
-    keep_freed_memory()  # the same allocator set-up as the service
-    model = classification.get_model(Settings())
+def run_offline(size: str, cfg: dict[str, Any], preprocess_workers: int) -> dict[str, Any]:
+    """Run bench/offline.py once per repeat, each in its own process: the generator stays free of torch."""
     runs = []
-    for i in range(cfg["repeats"]):
-        runs.append(offline.measure(model, photos, [1, 2, 4, 8, 16], cfg["offline_seconds"], preprocess_workers,
-                                    cfg["latency_runs"]))
-        print(f"offline run {i + 1}/{cfg['repeats']}:")
-        offline.print_table(runs[-1])
+    with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
+        for i in range(cfg["repeats"]):
+            out = Path(tmp) / f"run{i}.json"
+            print(f"offline run {i + 1}/{cfg['repeats']}:", flush=True)
+            subprocess.run([sys.executable, str(Path(__file__).with_name("offline.py")), "--size", size,
+                            "--batch-sizes", "1,2,4,8,16", "--seconds", str(cfg["offline_seconds"]),
+                            "--preprocess-workers", str(preprocess_workers), "--latency-runs", str(cfg["latency_runs"]),
+                            "--out", str(out)], check=True)
+            runs.append(json.loads(out.read_text()))
     rows = [{"batch_size": row["batch_size"],
              "images_per_s": statistics.median(run["throughput"][i]["images_per_s"] for run in runs)}
             for i, row in enumerate(runs[0]["throughput"])]
@@ -239,7 +241,7 @@ def main() -> None:
     photos = make_photos()[args.size]
     results: dict[str, Any] = {"meta": meta(args, cfg), "latency_levels": [levels[0], levels[-1]], "servers": {}}
     if not args.skip_offline:
-        results["offline"] = run_offline(photos, cfg, args.preprocess_workers)
+        results["offline"] = run_offline(args.size, cfg, args.preprocess_workers)
     for name in names:
         with serve(server_specs()[name], log_dir) as server:
             if name == "ours":
