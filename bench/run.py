@@ -1,8 +1,9 @@
 """Benchmark everything in one go, with the same photos and the same load generator for every server.
 
-offline limit (no HTTP, in a process of its own) -> generator ceiling -> closed loops at C=1,4,16 against ours (MAX_BATCH_DELAY_MS=0),
-ours-delay10ms (=10), the naive server and LitServe -> ours with TIMEOUT=1.0: open-loop overload at 2x
-saturation (+ one request right after), 70% soak -> bench/results/latest.json, PNG plots, README section.
+offline limit (no HTTP, in a process of its own) -> generator ceiling -> closed loops at C=1,4,16, repeats
+interleaved, against ours (MAX_BATCH_DELAY_MS=0), ours-delay10ms (=10), the naive server and LitServe, all
+running side by side -> ours with TIMEOUT=1.0: open-loop overload at 2x saturation (+ one request right after),
+70% soak -> bench/results/latest.json, PNG plots, README section.
 Full run: `.venv/bin/python bench/run.py` (about 20 minutes); smoke run: add `--quick`. Variants measured on
 demand: `--servers ours,ours-preprocess2,ours-compile` (PREPROCESS_WORKERS=2, TORCH_COMPILE=true).
 """
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Coroutine
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -95,16 +97,25 @@ def run_offline(size: str, cfg: dict[str, Any], preprocess_workers: int) -> dict
         "single_image_ms": statistics.median(run["single_image"]["median_ms"] for run in runs)}}
 
 
-def run_curve(server: RunningServer, photos: list[bytes], levels: list[int], cfg: dict[str, Any]) -> dict[str, Any]:
-    """Closed loops at each concurrency, `repeats` times, after a short warm-up."""
-    url = f"{server.base_url}/cls"
-    load.run(load.closed_loop(url, photos, 4, cfg["warmup_seconds"], progress=False))
-    runs: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
+def run_curves(servers: list[RunningServer], photos: list[bytes], levels: list[int],
+               cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Closed loops at each concurrency against every server, `repeats` times, after a short warm-up of each.
+
+    Repeats are interleaved (repeat 1 of every server, then repeat 2, ...): the machine is shared and its
+    speed drifts over minutes, and a drift must not pass for a difference between servers.
+    """
+    for server in servers:
+        load.run(load.closed_loop(f"{server.base_url}/cls", photos, 4, cfg["warmup_seconds"], progress=False))
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {s.name: {c: [] for c in levels} for s in servers}
     for i in range(cfg["repeats"]):
-        for c in levels:
-            runs[c].append(run_phase(server, load.closed_loop(url, photos, c, cfg["seconds"], CLOSED_DEADLINE_S)))
-            print(f"{server.name} C={c} run {i + 1}/{cfg['repeats']}: {load.describe(runs[c][-1])}")
-    return {str(c): {"runs": rs, "median": median_headline(rs)} for c, rs in runs.items()}
+        for server in servers:
+            for c in levels:
+                result = run_phase(server, load.closed_loop(f"{server.base_url}/cls", photos, c, cfg["seconds"],
+                                                            CLOSED_DEADLINE_S))
+                runs[server.name][c].append(result)
+                print(f"{server.name} C={c} run {i + 1}/{cfg['repeats']}: {load.describe(result)}")
+    return {name: {str(c): {"runs": rs, "median": median_headline(rs)} for c, rs in by_level.items()}
+            for name, by_level in runs.items()}
 
 
 def memory_summary(samples: list[tuple[float, int, int]], seconds: float) -> dict[str, Any]:
@@ -242,16 +253,18 @@ def main() -> None:
     results: dict[str, Any] = {"meta": meta(args, cfg), "latency_levels": [levels[0], levels[-1]], "servers": {}}
     if not args.skip_offline:
         results["offline"] = run_offline(args.size, cfg, args.preprocess_workers)
-    for name in names:
-        with serve(server_specs()[name], log_dir) as server:
-            if name == "ours":
-                results["ceiling"] = load.run(load.ceiling(server.base_url, 32, cfg["ceiling_seconds"]))
-                print(f"generator ceiling (GET /healthz, C=32): {load.describe(results['ceiling'])}")
-            results["servers"][name] = run_curve(server, photos, levels, cfg)
-        saturation = results["servers"][name][str(levels[-1])]["median"]["ok_per_s"]
-        if name == "ours" and not saturation:
+    with ExitStack() as stack:  # every server runs side by side, idle but for its turn
+        servers = [stack.enter_context(serve(server_specs()[name], log_dir)) for name in names]
+        if "ours" in names:
+            results["ceiling"] = load.run(load.ceiling(servers[names.index("ours")].base_url, 32,
+                                                       cfg["ceiling_seconds"]))
+            print(f"generator ceiling (GET /healthz, C=32): {load.describe(results['ceiling'])}")
+        results["servers"] = run_curves(servers, photos, levels, cfg)
+    if "ours" in names:
+        saturation = results["servers"]["ours"][str(levels[-1])]["median"]["ok_per_s"]
+        if not saturation:
             print("ours answered no 200 at saturation: no overload or soak")
-        elif name == "ours":
+        else:
             spec = server_specs(timeout_s=args.overload_deadline)["ours"]
             results.update(run_overload_and_soak(spec, log_dir, photos, saturation, args.overload_deadline, cfg))
     results["ratios"] = ratios(results)
