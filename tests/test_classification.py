@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import struct
 import time
 import zlib
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
 import classification
+from classification.efficientnet_lite import SameConv2d
 from classification.model import Classifier, ModelConfigError, lite0_weights_path
 from settings import Settings
 from task import InputTooLargeError, InvalidInputError, UnsupportedInputError
@@ -56,6 +59,23 @@ def test_network_matches_the_reference_implementation(model: Classifier) -> None
     with torch.inference_mode():
         ours, theirs = model.net(batch), reference(batch)
     assert (ours - theirs).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [(14, 14), (15, 15), (14, 15), (7, 10), (224, 224)])
+def test_same_padding_is_tensorflows_without_copying_the_input(kernel: int, size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    conv = SameConv2d(4, 4, kernel, 2, groups=4, bias=True).eval()
+    x = torch.randn(2, 4, *size)
+    pads: list[int] = []  # TF "same": total = max((ceil(n / s) - 1) * s + k - n, 0), the odd zero bottom/right
+    for n in reversed(size):
+        total = max((math.ceil(n / 2) - 1) * 2 + kernel - n, 0)
+        pads += [total // 2, total - total // 2]
+    expected = F.conv2d(F.pad(x, pads), conv.weight, conv.bias, 2, 0, 1, 4)
+    with torch.inference_mode():
+        got = conv(x)
+    assert got.shape[-2:] == tuple(math.ceil(n / 2) for n in size)
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize(("name", "expected"), [("chelsea", CATS), ("coffee", {"espresso", "cup"})])
