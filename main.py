@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.types import Scope
 
-from allocator import keep_freed_memory
 from batching import BatchProcessor, RejectedError
+from cpu_runtime import keep_freed_memory, limit_openmp_spinning
 from guard import RequestGuard, arrival_time
 from logs import configure_logging
 from metrics import Metrics
@@ -139,6 +139,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_logging(settings.log_level, settings.log_json)
         if settings.malloc_tuning and not keep_freed_memory():
             logger.warning("MALLOC_TUNING is on but this C library has no glibc mallopt; skipped")
+        if not limit_openmp_spinning(settings.gomp_spincount):  # before the task module loads torch
+            logger.warning("torch was loaded before the service started: GOMP_SPINCOUNT=%d takes no effect",
+                           settings.gomp_spincount)
         task: TaskModule = importlib.import_module(settings.task_module)
         # Everything that touches the model (load, warm-up, batches) runs on this one thread.
         model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default
     preprocess_workers: int = Field(default=1, ge=1)
     malloc_tuning: bool = True  # keep freed activation buffers mapped (glibc mallopt)
+    gomp_spincount: int = Field(default=2000, ge=0)  # idle OpenMP threads spin this long, then sleep
     bf16: bool = False
     torch_compile: bool = False  # torch.compile, one graph per batch size, compiled during warm-up
 

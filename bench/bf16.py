@@ -18,14 +18,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the service's modules live in the repo root
 
+from cpu_runtime import keep_freed_memory, limit_openmp_spinning  # noqa: E402
+from settings import Settings  # noqa: E402
+
+limit_openmp_spinning(Settings().gomp_spincount)  # as the service does, before torch loads
+
 import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import classification  # noqa: E402
-from allocator import keep_freed_memory  # noqa: E402
-from settings import Settings  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "colorwheel", "logo", "camera", "coins", "moon", "page", "clock", "horse", "grass", "gravel", "brick")

@@ -19,12 +19,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the service's modules live in the repo root
 
+from cpu_runtime import keep_freed_memory, limit_openmp_spinning  # noqa: E402
+from settings import Settings  # noqa: E402
+
+limit_openmp_spinning(Settings().gomp_spincount)  # as the service does, before torch loads
+
 import torch  # noqa: E402
 
 import classification  # noqa: E402
-from allocator import keep_freed_memory  # noqa: E402
 from photos import SIZES, make_photos  # noqa: E402
-from settings import Settings  # noqa: E402
 
 
 def _images_per_s(model: Any, jpegs: list[bytes], batch_size: int, seconds: float, pool: ThreadPoolExecutor,

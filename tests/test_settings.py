@@ -29,3 +29,10 @@ def test_batch_delay_must_be_below_timeout() -> None:
 def test_non_positive_values_are_refused(field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         Settings.model_validate({field: 0})
+
+
+def test_openmp_spin_count_defaults_to_2000_and_reads_gomp_spincount(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert Settings().gomp_spincount == 2000
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # libgomp's own name, so that both read the same value
+    assert Settings().gomp_spincount == 300000

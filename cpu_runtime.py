@@ -1,0 +1,40 @@
+"""CPU runtime tuning for inference (glibc's allocator, OpenMP's idle threads), applied once per process at start-up."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed blocks instead of unmapping them (True if it took effect).
+
+    By default every forward pass mmaps its large activation buffers afresh and munmaps them after,
+    paying page faults each batch; keeping them roughly doubles eager CPU throughput here (see README).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def limit_openmp_spinning(spin_count: int) -> bool:
+    """Let torch's idle OpenMP threads busy-wait `spin_count` rounds, then sleep (GNU OpenMP's GOMP_SPINCOUNT).
+
+    libgomp's default, 300000 rounds (about 5 ms here), keeps a thread that waits for the next layer, or for a
+    teammate the scheduler took off its core, burning a core that the event loop, decoding or that teammate
+    needs. 2000 rounds (about 0.1 ms) still covers the gap between two layers. libgomp reads the variable
+    once, when torch loads: False if torch is loaded already with another value. An OMP_WAIT_POLICY in the
+    environment is the operator's choice and is left alone.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return True
+    if "torch" in sys.modules:
+        return os.environ.get("GOMP_SPINCOUNT") == str(spin_count)
+    os.environ["GOMP_SPINCOUNT"] = str(spin_count)
+    return True
