@@ -117,6 +117,16 @@ def markdown(results: dict[str, Any], plots: list[Path], readme_dir: Path) -> st
                   f"answer {_fmt(m['max_latency_non_200_ms'])} ms; statuses over all runs "
                   f"{', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}; the single request right after "
                   f"each run: {', '.join(str(r['status']) for r in nxt)}; generator launch lag p99 {lag:.1f} ms."]
+    for name, variant in results.get("overload_variants", {}).items():
+        m = variant["median"]
+        counts = Counter()
+        for run in variant["runs"]:
+            counts.update(run["status_counts"])
+        lines += ["", f"Overload, the same test for {name}: {variant['rate']:.0f}/s (2x its saturation): goodput "
+                  f"{_fmt(m['goodput_per_s'], 1)}/s ({_fmt(m['goodput_per_s'] / (variant['rate'] / 2), 2)} x its "
+                  f"saturation), 200s p99 {_fmt(m['ok_p99_ms'])} ms, slowest non-200 answer "
+                  f"{_fmt(m['max_latency_non_200_ms'])} ms; statuses "
+                  f"{', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}."]
     if soak := results.get("soak"):
         m, mem = soak["median"], soak["memory"]
         lines += ["", f"Soak (ours): {soak['rate']:.0f}/s (70% of saturation) for {soak['seconds']:g} s: "

@@ -143,30 +143,35 @@ async def soak(server: RunningServer, photos: list[bytes], rate: float, seconds:
     return result
 
 
+def overload(server: RunningServer, photos: list[bytes], rate: float, deadline_s: float,
+             cfg: dict[str, Any]) -> dict[str, Any]:
+    """Open-loop runs at `rate`, each followed by one single request to see that the server answers again."""
+    url = f"{server.base_url}/cls"
+    runs, after = [], []
+    for i in range(cfg["repeats"]):
+        runs.append(run_phase(server, load.open_loop(url, photos, rate, cfg["overload_seconds"], deadline_s, seed=i)))
+        outcome = load.run(load.single(url, photos[0]))
+        after.append({"status": outcome.status, "latency_ms": 1000 * outcome.latency_s})
+        slowest = runs[-1]["max_latency_non_200_ms"]
+        print(f"{server.name} overload {rate:.0f}/s run {i + 1}/{cfg['repeats']}: {load.describe(runs[-1])}; slowest "
+              f"non-200 {slowest or 0:.0f} ms; next request: {outcome.status} in {1000 * outcome.latency_s:.0f} ms")
+        if (lag := runs[-1]["launch_lag_ms"]) and lag["p99"] > LAG_WARNING_MS:
+            print(f"WARNING: the generator launched requests late (p99 {lag['p99']:.0f} ms): "
+                  "it, not the server, may be the bottleneck")
+    return {"rate": rate, "seconds": cfg["overload_seconds"], "deadline_s": deadline_s, "runs": runs,
+            "median": median_headline(runs), "next_request": after,
+            "recovered": all(a["status"] == 200 for a in after)}
+
+
 def run_overload_and_soak(spec: ServerSpec, log_dir: Path, photos: list[bytes], saturation: float,
-                          deadline_s: float, cfg: dict[str, Any]) -> dict[str, Any]:
+                          deadline_s: float, cfg: dict[str, Any], soak_too: bool) -> dict[str, Any]:
+    """A fresh server with TIMEOUT=deadline_s: overload at 2x `saturation`, then (soak_too) the 70% soak."""
     results: dict[str, Any] = {}
     with serve(spec, log_dir) as server:
-        url = f"{server.base_url}/cls"
-        load.run(load.closed_loop(url, photos, 4, cfg["warmup_seconds"], progress=False))
+        load.run(load.closed_loop(f"{server.base_url}/cls", photos, 4, cfg["warmup_seconds"], progress=False))
         if cfg["overload_seconds"] > 0:
-            rate, runs, after = 2 * saturation, [], []
-            for i in range(cfg["repeats"]):
-                runs.append(run_phase(server, load.open_loop(url, photos, rate, cfg["overload_seconds"], deadline_s,
-                                                             seed=i)))
-                outcome = load.run(load.single(url, photos[0]))
-                after.append({"status": outcome.status, "latency_ms": 1000 * outcome.latency_s})
-                slowest = runs[-1]["max_latency_non_200_ms"]
-                print(f"overload {rate:.0f}/s run {i + 1}/{cfg['repeats']}: {load.describe(runs[-1])}; slowest "
-                      f"non-200 {slowest or 0:.0f} ms; next request: {outcome.status} in "
-                      f"{1000 * outcome.latency_s:.0f} ms")
-                if (lag := runs[-1]["launch_lag_ms"]) and lag["p99"] > LAG_WARNING_MS:
-                    print(f"WARNING: the generator launched requests late (p99 {lag['p99']:.0f} ms): "
-                          "it, not the server, may be the bottleneck")
-            results["overload"] = {"rate": rate, "seconds": cfg["overload_seconds"], "deadline_s": deadline_s,
-                                   "runs": runs, "median": median_headline(runs), "next_request": after,
-                                   "recovered": all(a["status"] == 200 for a in after)}
-        if cfg["soak_seconds"] > 0:
+            results["overload"] = overload(server, photos, 2 * saturation, deadline_s, cfg)
+        if soak_too and cfg["soak_seconds"] > 0:
             rate = 0.7 * saturation
             result = run_phase(server, soak(server, photos, rate, cfg["soak_seconds"], deadline_s))
             mem = result["memory"]
@@ -227,6 +232,8 @@ def main() -> None:
                             f"{QUICK[name]})")
     parser.add_argument("--servers", default="ours,ours-delay10ms,naive,litserve",
                         help="comma-separated (default: %(default)s)")
+    parser.add_argument("--overload-servers", default="ours", help="servers that also get the overload at 2x their "
+                        "saturation (ours also the soak; default: %(default)s)")
     parser.add_argument("--concurrency", default="1,4,16", help="closed-loop clients; the lowest gives latency, "
                         "the highest saturation (default: %(default)s)")
     parser.add_argument("--size", choices=sorted(SIZES), default="640x480", help="photo size (default: %(default)s)")
@@ -244,6 +251,9 @@ def main() -> None:
     names = [name for name in args.servers.split(",") if name]
     if unknown := set(names) - set(server_specs()):
         parser.error(f"--servers: unknown {sorted(unknown)}; choose from {sorted(server_specs())}")
+    overload_names = [name for name in args.overload_servers.split(",") if name]
+    if stray := set(overload_names) - set(names):
+        parser.error(f"--overload-servers: {sorted(stray)} not in --servers")
     out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
@@ -260,13 +270,17 @@ def main() -> None:
                                                        cfg["ceiling_seconds"]))
             print(f"generator ceiling (GET /healthz, C=32): {load.describe(results['ceiling'])}")
         results["servers"] = run_curves(servers, photos, levels, cfg)
-    if "ours" in names:
-        saturation = results["servers"]["ours"][str(levels[-1])]["median"]["ok_per_s"]
+    for name in overload_names:
+        saturation = results["servers"][name][str(levels[-1])]["median"]["ok_per_s"]
         if not saturation:
-            print("ours answered no 200 at saturation: no overload or soak")
-        else:
-            spec = server_specs(timeout_s=args.overload_deadline)["ours"]
-            results.update(run_overload_and_soak(spec, log_dir, photos, saturation, args.overload_deadline, cfg))
+            print(f"{name} answered no 200 at saturation: no overload or soak")
+            continue
+        spec = server_specs(timeout_s=args.overload_deadline)[name]
+        found = run_overload_and_soak(spec, log_dir, photos, saturation, args.overload_deadline, cfg, name == "ours")
+        if name == "ours":
+            results.update(found)
+        elif "overload" in found:
+            results.setdefault("overload_variants", {})[name] = found["overload"]
     results["ratios"] = ratios(results)
 
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
