@@ -28,7 +28,7 @@ WORKDIR /app
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
-COPY main.py cpu_runtime.py batching.py settings.py task.py guard.py metrics.py logs.py gunicorn_config.py ./
+COPY main.py cpu_runtime.py inference_process.py batching.py settings.py task.py guard.py metrics.py logs.py gunicorn_config.py ./
 COPY classification/ classification/
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.

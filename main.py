@@ -24,6 +24,7 @@ from starlette.types import Scope
 from batching import BatchProcessor, RejectedError
 from cpu_runtime import keep_freed_memory, limit_openmp_spinning
 from guard import RequestGuard, arrival_time
+from inference_process import ModelProcess
 from logs import configure_logging
 from metrics import Metrics
 from settings import Settings
@@ -81,6 +82,7 @@ class Runtime:
     batcher: BatchProcessor
     preprocess_pool: ThreadPoolExecutor
     model_thread: ThreadPoolExecutor
+    process: ModelProcess | None  # INFERENCE_PROCESS: the model computes in a child process
     ready: bool = False
 
 
@@ -147,8 +149,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(model_thread, task.get_model, settings)  # a bad MODEL fails here
+        process = ModelProcess(settings) if settings.inference_process else None
         batcher = BatchProcessor(
-            partial(task.batch_classification, model),
+            process.handle_batch if process else partial(task.batch_classification, model),
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
@@ -157,7 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             executor=model_thread,
         )
         pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
-        runtime = Runtime(settings, task, model, batcher, pool, model_thread)
+        runtime = Runtime(settings, task, model, batcher, pool, model_thread, process)
         runner = asyncio.create_task(batcher.run())
         warming = asyncio.create_task(_warm_up(runtime))
         try:
@@ -168,13 +171,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await batcher.close(runner, drain_timeout_s=settings.timeout)
             pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(model_thread.shutdown, wait=True)
+            if process:
+                await asyncio.to_thread(process.close)
 
     async def _warm_up(runtime: Runtime) -> None:
         # May be slow for a big model: /healthz answers meanwhile, /readyz and /cls say 503.
         started = asyncio.get_running_loop().time()
+        warm_up = runtime.process.warm_up if runtime.process else partial(runtime.task.warm_up, runtime.model)
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                runtime.model_thread, runtime.task.warm_up, runtime.model, settings.max_batch_size)
+            await asyncio.get_running_loop().run_in_executor(runtime.model_thread, warm_up, settings.max_batch_size)
         except Exception:
             logger.exception("warm-up failed; the service stays unready")
             return

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     device: str = "cpu"
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default
     preprocess_workers: int = Field(default=1, ge=1)
+    inference_process: bool = False  # compute in a child process, out of reach of the server's GIL
     malloc_tuning: bool = True  # keep freed activation buffers mapped (glibc mallopt)
     gomp_spincount: int = Field(default=2000, ge=0)  # idle OpenMP threads spin this long, then sleep
     bf16: bool = False

@@ -59,6 +59,7 @@ def server_specs(timeout_s: float | None = None) -> dict[str, ServerSpec]:
         "ours-preprocess2": ServerSpec("ours-preprocess2", ours, {**ours_env, "PREPROCESS_WORKERS": "2"},
                                        has_metrics=True),
         "ours-compile": ServerSpec("ours-compile", ours, {**ours_env, "TORCH_COMPILE": "true"}, has_metrics=True),
+        "ours-process": ServerSpec("ours-process", ours, {**ours_env, "INFERENCE_PROCESS": "true"}, has_metrics=True),
         # libgomp's default spinning (GOMP_SPINCOUNT=300000) and OpenMP's passive waiting, against our 2000.
         "ours-spin300k": ServerSpec("ours-spin300k", ours, {**ours_env, "GOMP_SPINCOUNT": "300000"},
                                     has_metrics=True),

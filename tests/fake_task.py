@@ -64,6 +64,8 @@ def preprocess(model: FakeModel, data: bytes) -> bytes:
 
 
 def batch_classification(model: FakeModel, items: list[bytes]) -> list[list[dict[str, Any]]]:
+    if b"exit-process" in items:  # INFERENCE_PROCESS tests: the model's process dies mid-batch
+        os._exit(3)
     model.entered.set()
     if not model.gate.wait(timeout=30):
         raise RuntimeError("gate never opened")

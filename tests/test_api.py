@@ -287,3 +287,14 @@ async def test_json_request_log_has_id_status_latency_and_batch(make_client: Mak
     [entry] = [e for e in lines if e.get("request_id") == "abc123"]
     assert entry["status"] == 200 and entry["path"] == "/cls" and entry["batch_size"] == 1
     assert entry["latency_ms"] > 0 and entry["level"] == "INFO"
+
+
+async def test_inference_process_computes_in_a_child_and_survives_its_death(make_client: MakeClient) -> None:
+    async with make_client(inference_process=True) as client:
+        first = await client.post("/cls", files={"file": ("a", b"child")})
+        died = await client.post("/cls", files={"file": ("a", b"exit-process")})
+        after = await client.post("/cls", files={"file": ("a", b"again")})
+    assert first.status_code == 200 and first.json()["prediction"][0]["label"] == "child"
+    assert fake_task.latest().batches == []  # the parent's copy of the model computed nothing
+    assert died.status_code == 500 and "Traceback" not in died.text
+    assert after.status_code == 200 and after.json()["prediction"][0]["label"] == "again"  # a new child took over

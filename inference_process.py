@@ -1,0 +1,89 @@
+"""Run the task's model in a child process, so that the server's GIL (event loop, decoding) never stalls it.
+
+    BatchProcessor -> model thread -> ModelProcess.handle_batch(items) --pipe--> child: batch_classification
+
+The child loads and warms up its own copy of the model; the parent keeps its copy for preprocess only.
+Items and results cross the pipe pickled (a batch of 8 images of 224x224x3 bytes is 1.2 MB).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from cpu_runtime import keep_freed_memory
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_task: Any = None  # in the child: the task module and its model
+_model: Any = None
+
+
+def _start_child(settings: Settings) -> None:
+    global _task, _model
+    # The parent ends the child (shutdown, or the pipe closing when it dies); a Ctrl-C or SIGTERM sent to
+    # the whole process group must not kill the model while the parent still drains its queue.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A parent killed outright (SIGKILL, OOM) cannot shut the pool down, and the child would wait for work forever.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True, name="parent-watch").start()
+    if settings.malloc_tuning:
+        keep_freed_memory()
+    _task = importlib.import_module(settings.task_module)  # GOMP_SPINCOUNT came with the parent's environment
+    _model = _task.get_model(settings)
+
+
+def _exit_with(parent_sentinel: int) -> None:
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(0)
+
+
+def _warm_up(max_batch_size: int) -> None:
+    _task.warm_up(_model, max_batch_size)
+
+
+def _batch(items: list[Any]) -> Sequence[Any]:
+    results: Sequence[Any] = _task.batch_classification(_model, items)
+    return results
+
+
+class ModelProcess:
+    """The model in one child process; handle_batch blocks (releasing the GIL) until the child answers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        # spawn, not fork: a forked child would inherit torch's thread pools in an undefined state.
+        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_child,
+                                   initargs=(self._settings,))
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Load the model in the child and run every batch size (blocks until done)."""
+        self._pool.submit(_warm_up, max_batch_size).result()
+
+    def handle_batch(self, items: list[Any]) -> Sequence[Any]:
+        """Compute one batch in the child; if the child died, fail this batch and start a new child."""
+        try:
+            return self._pool.submit(_batch, items).result()
+        except BrokenProcessPool:
+            logger.error("the model process died; starting a new one (it loads the model again)")
+            self._pool = self._start()
+            raise
+
+    def close(self) -> None:
+        """Let the child finish its batch, then end it."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
