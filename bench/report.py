@@ -20,6 +20,14 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _statuses(runs: list[dict[str, Any]]) -> str:
+    """Status counts summed over runs: '200: 9221, 503: 17066'."""
+    counts: Counter[str] = Counter()
+    for run in runs:
+        counts.update(run["status_counts"])
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
 def plot_throughput(results: dict[str, Any], path: Path) -> None:
     """Throughput (200s/s) against closed-loop clients per server; the open-loop runs of ours beside it."""
     open_runs = [(name, results[name]) for name in ("soak", "overload") if results.get(name)]
@@ -81,7 +89,8 @@ def markdown(results: dict[str, Any], plots: list[Path], readme_dir: Path) -> st
     offline = results.get("offline")
     lines = [
         f"Measured by `bench/run.py` on {meta['cpu']} ({meta['cores']} cores), Python {meta['python']}, "
-        f"torch {meta['torch']} ({meta['torch_threads']} threads), {meta['size']} JPEGs, "
+        f"torch {meta['torch']}" + (f" ({meta['torch_threads']} threads)" if meta.get("torch_threads") else "") +
+        f", {meta['size']} JPEGs, "
         f"median of {meta['repeats']} run(s) of {meta['seconds']:g} s each, {meta['date']}. "
         "Generator and server share the machine.",
         "",
@@ -105,9 +114,6 @@ def markdown(results: dict[str, Any], plots: list[Path], readme_dir: Path) -> st
         f"; ours at C={low}, p50 minus offline single-image latency: {_fmt(ratios.get('c1_p50_overhead_ms'), 1)} ms."]
     if overload := results.get("overload"):
         m, nxt = overload["median"], overload["next_request"]
-        counts: Counter[str] = Counter()
-        for run in overload["runs"]:
-            counts.update(run["status_counts"])
         lag = max((run["launch_lag_ms"]["p99"] for run in overload["runs"] if run["launch_lag_ms"]), default=0.0)
         lines += ["", f"Overload (ours, TIMEOUT=1.0): Poisson arrivals at {overload['rate']:.0f}/s (2x saturation) "
                   f"for {overload['seconds']:g} s, client deadline {overload['deadline_s']:g} s (answers awaited "
@@ -115,18 +121,14 @@ def markdown(results: dict[str, Any], plots: list[Path], readme_dir: Path) -> st
                   f"({_fmt(m['goodput_per_s'] / (overload['rate'] / 2), 2)} x saturation), "
                   f"200s p99 {_fmt(m['ok_p99_ms'])} ms, slowest non-200 "
                   f"answer {_fmt(m['max_latency_non_200_ms'])} ms; statuses over all runs "
-                  f"{', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}; the single request right after "
+                  f"{_statuses(overload['runs'])}; the single request right after "
                   f"each run: {', '.join(str(r['status']) for r in nxt)}; generator launch lag p99 {lag:.1f} ms."]
     for name, variant in results.get("overload_variants", {}).items():
         m = variant["median"]
-        counts = Counter()
-        for run in variant["runs"]:
-            counts.update(run["status_counts"])
         lines += ["", f"Overload, the same test for {name}: {variant['rate']:.0f}/s (2x its saturation): goodput "
                   f"{_fmt(m['goodput_per_s'], 1)}/s ({_fmt(m['goodput_per_s'] / (variant['rate'] / 2), 2)} x its "
                   f"saturation), 200s p99 {_fmt(m['ok_p99_ms'])} ms, slowest non-200 answer "
-                  f"{_fmt(m['max_latency_non_200_ms'])} ms; statuses "
-                  f"{', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}."]
+                  f"{_fmt(m['max_latency_non_200_ms'])} ms; statuses {_statuses(variant['runs'])}."]
     if soak := results.get("soak"):
         m, mem = soak["median"], soak["memory"]
         lines += ["", f"Soak (ours): {soak['rate']:.0f}/s (70% of saturation) for {soak['seconds']:g} s: "

@@ -4,14 +4,15 @@ offline limit (no HTTP, in a process of its own) -> generator ceiling -> closed 
 interleaved, against ours (MAX_BATCH_DELAY_MS=0), ours-delay10ms (=10), the naive server and LitServe, all
 running side by side -> ours with TIMEOUT=1.0: open-loop overload at 2x saturation (+ one request right after),
 70% soak -> bench/results/latest.json, PNG plots, README section.
-Full run: `.venv/bin/python bench/run.py` (about 20 minutes); smoke run: add `--quick`. Variants measured on
-demand: `--servers ours,ours-preprocess2,ours-compile` (PREPROCESS_WORKERS=2, TORCH_COMPILE=true).
+Full run: `.venv/bin/python bench/run.py` (about 20 minutes); smoke run: add `--quick`. The service's other
+settings are measured on demand: `--servers ours,ours-process,...` (the variants in servers.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import platform
@@ -207,8 +208,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
 
 
 def meta(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
+    """What ran where; torch's thread count is filled in from the offline runs, so torch never loads here."""
     from settings import Settings
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -216,7 +216,7 @@ def meta(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     python = os.path.relpath(sys.executable)
     python = sys.executable if python.startswith("..") else python
     return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": importlib.metadata.version("torch"), "torch_threads": None,
             "size": args.size, "command": shlex.join([python, *sys.argv]), **cfg,
             "max_batch_size": Settings().max_batch_size,
             "env": {k: v for k, v in os.environ.items() if k.upper() in ("THREADS", "MAX_BATCH_SIZE",
@@ -263,6 +263,7 @@ def main() -> None:
     results: dict[str, Any] = {"meta": meta(args, cfg), "latency_levels": [levels[0], levels[-1]], "servers": {}}
     if not args.skip_offline:
         results["offline"] = run_offline(args.size, cfg, args.preprocess_workers)
+        results["meta"]["torch_threads"] = results["offline"]["runs"][0]["torch_threads"]
     with ExitStack() as stack:  # every server runs side by side, idle but for its turn
         servers = [stack.enter_context(serve(server_specs()[name], log_dir)) for name in names]
         if "ours" in names:

@@ -50,21 +50,19 @@ def server_specs(timeout_s: float | None = None) -> dict[str, ServerSpec]:
     ours = [python, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log",
             "--log-level", "warning"]
     ours_env = {} if timeout_s is None else {"TIMEOUT": str(timeout_s)}
-    return {
-        "ours": ServerSpec("ours", ours, ours_env, has_metrics=True),  # dispatch as soon as the model is free
-        # Wait up to 10 ms for company, as LitServe's batch_timeout=0.01 does.
-        "ours-delay10ms": ServerSpec("ours-delay10ms", ours, {**ours_env, "MAX_BATCH_DELAY_MS": "10"},
-                                     has_metrics=True),
+    # The service under each setting compared: the environment each variant adds to `ours_env`.
+    variants = {
+        "ours": {},  # dispatch as soon as the model is free
+        "ours-delay10ms": {"MAX_BATCH_DELAY_MS": "10"},  # wait up to 10 ms for company, as LitServe's batch_timeout
         # Not in run.py's default list: knobs measured on demand (--servers ours,ours-preprocess2,...).
-        "ours-preprocess2": ServerSpec("ours-preprocess2", ours, {**ours_env, "PREPROCESS_WORKERS": "2"},
-                                       has_metrics=True),
-        "ours-compile": ServerSpec("ours-compile", ours, {**ours_env, "TORCH_COMPILE": "true"}, has_metrics=True),
-        "ours-process": ServerSpec("ours-process", ours, {**ours_env, "INFERENCE_PROCESS": "true"}, has_metrics=True),
-        # libgomp's default spinning (GOMP_SPINCOUNT=300000) and OpenMP's passive waiting, against our 2000.
-        "ours-spin300k": ServerSpec("ours-spin300k", ours, {**ours_env, "GOMP_SPINCOUNT": "300000"},
-                                    has_metrics=True),
-        "ours-omp-passive": ServerSpec("ours-omp-passive", ours, {**ours_env, "OMP_WAIT_POLICY": "PASSIVE"},
-                                       has_metrics=True),
+        "ours-preprocess2": {"PREPROCESS_WORKERS": "2"},
+        "ours-compile": {"TORCH_COMPILE": "true"},
+        "ours-process": {"INFERENCE_PROCESS": "true"},
+        "ours-spin300k": {"GOMP_SPINCOUNT": "300000"},  # libgomp's default spinning, against our 2000
+        "ours-omp-passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # OpenMP threads sleep at once
+    }
+    return {
+        **{name: ServerSpec(name, ours, {**ours_env, **env}, has_metrics=True) for name, env in variants.items()},
         # The baselines get the service's allocator tuning too (as glibc's environment tunables), so the
         # comparison is of serving designs, not of malloc settings.
         "naive": ServerSpec("naive", [python, "bench/naive_server.py", "--port", "{port}"], TUNED_MALLOC),
