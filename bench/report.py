@@ -143,13 +143,20 @@ def markdown(results: dict[str, Any], plots: list[Path], readme_dir: Path) -> st
     return "\n".join(lines)
 
 
-def write_section(section: str, readme: Path | None, fallback: Path) -> Path:
-    """Replace the text between the bench markers in `readme`; without them, write `fallback` instead."""
-    if readme is not None and readme.exists():
-        text = readme.read_text()
-        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
-        if pattern.search(text):
-            readme.write_text(pattern.sub(lambda _: f"{START}\n{section}\n{END}", text, count=1))
-            return readme
-    fallback.write_text(section + "\n")
+_SECTION = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
+
+
+def section_target(readme: Path | None, fallback: Path) -> Path:
+    """Where the section goes: `readme` if it exists and has the bench markers, else `fallback`."""
+    if readme is not None and readme.exists() and _SECTION.search(readme.read_text()):
+        return readme
     return fallback
+
+
+def write_section(section: str, target: Path) -> None:
+    """Replace the text between the bench markers in `target`, or write the section as the whole file."""
+    text = target.read_text() if target.exists() else ""
+    if _SECTION.search(text):
+        target.write_text(_SECTION.sub(lambda _: f"{START}\n{section}\n{END}", text, count=1))
+    else:
+        target.write_text(section + "\n")

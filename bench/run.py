@@ -290,8 +290,9 @@ def main() -> None:
         report.plot_throughput(results, plots[0])
         report.plot_latency(results, plots[1])
     readme = None if args.quick else args.readme
-    section = report.markdown(results, plots, (readme or out / "README-section.md").parent)
-    written = report.write_section(section, readme, out / "README-section.md")
+    written = report.section_target(readme, out / "README-section.md")
+    section = report.markdown(results, plots, written.parent)  # image links relative to where the section goes
+    report.write_section(section, written)
     print(f"\n{section}\n\nresults: {out / 'latest.json'}; section written to {written}; server logs in {log_dir}")
 
 
