@@ -26,11 +26,11 @@ def keep_freed_memory() -> bool:
 def limit_openmp_spinning(spin_count: int) -> bool:
     """Let torch's idle OpenMP threads busy-wait `spin_count` rounds, then sleep (GNU OpenMP's GOMP_SPINCOUNT).
 
-    libgomp's default, 300000 rounds (about 5 ms here), keeps a thread that waits for the next layer, or for a
-    teammate the scheduler took off its core, burning a core that the event loop, decoding or that teammate
-    needs. 2000 rounds (about 0.1 ms) still covers the gap between two layers. libgomp reads the variable
-    once, when torch loads: False if torch is loaded already with another value. An OMP_WAIT_POLICY in the
-    environment is the operator's choice and is left alone.
+    libgomp's default, 300000 rounds (a few ms: libgomp estimates 100000 rounds per ms), keeps a thread that
+    waits for the next layer, or for a teammate the scheduler took off its core, burning a core that the event
+    loop, decoding or that teammate needs. 2000 rounds (tens of microseconds) still cover the gap between two
+    layers. libgomp reads the variable once, when torch loads: False if torch is loaded already with another
+    value. An OMP_WAIT_POLICY in the environment is the operator's choice and is left alone.
     """
     if "OMP_WAIT_POLICY" in os.environ:
         return True
