@@ -1,7 +1,7 @@
 """A generic, deadline-aware micro-batching engine.
 
     submit(item, deadline) --admit?--> pending deque --run(): _next_batch--> drop expired/cancelled
-        --> handle_batch(items) on the inference thread --> each future: result, or the batch's error
+        --> handle_batch(items) on the inference thread --> each future: its result or ItemError, or the batch's error
 
 It knows nothing of HTTP, images or models: it batches opaque items for one blocking callable.
 Every job carries an absolute deadline (event-loop time); work that cannot finish by it is never computed.
@@ -47,6 +47,14 @@ class BatchSizeMismatchError(RuntimeError):
     """handle_batch returned a different number of results than it was given items."""
 
 
+class ItemError(Exception):
+    """Returned by handle_batch in place of one item's result: that item fails with `error`, the rest go on."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class BatchObserver(Protocol):
     """Receives what the engine saw; metrics live here, not in the loop."""
 
@@ -79,6 +87,7 @@ class BatchProcessor:
         admit_fraction: float = 1.0,
         observer: BatchObserver | None = None,
         executor: ThreadPoolExecutor | None = None,
+        max_concurrent_batches: int = 1,
     ) -> None:
         self._handle_batch = handle_batch
         self._max_batch_size = max_batch_size
@@ -93,10 +102,14 @@ class BatchProcessor:
         # One thread owns the model: batches never overlap and the event loop never computes. Pass the
         # executor that loaded the model: torch's CPU kernels run about 2x slower when a second thread
         # has also run them (each thread gets its own OpenMP team, and the idle team competes).
+        # With max_concurrent_batches > 1, handle_batch must be safe to call from that many threads at once
+        # (each call with its own model, or a model that allows it), and the executor must have that many.
+        self._slots = max_concurrent_batches
         self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = executor or ThreadPoolExecutor(max_concurrent_batches, thread_name_prefix="inference")
         self._closed = False
-        self._in_flight = 0
+        self._in_flight = 0  # items in the batches computing now
+        self._running: set[asyncio.Task[None]] = set()
         self._item_times: deque[float] = deque(maxlen=8)  # compute seconds per item, last large batches
 
     @property
@@ -127,7 +140,7 @@ class BatchProcessor:
         # before its deadline is likely to be computed and then answered too late.
         if self._pending:
             ahead = len(self._pending) + self._in_flight
-            predicted_s = (ahead + self._max_batch_size) * self.seconds_per_item
+            predicted_s = (ahead / self._slots + self._max_batch_size) * self.seconds_per_item
             remaining_s = deadline - asyncio.get_running_loop().time()
             if predicted_s > self._admit_fraction * remaining_s:
                 self._drop("overloaded", 1)
@@ -148,16 +161,28 @@ class BatchProcessor:
         return await future
 
     async def run(self) -> None:
-        """Form and compute batches until cancelled; started and stopped by the owner's lifespan."""
-        while True:
-            try:
-                batch = await self._next_batch()
-                if batch:
-                    await self._run_batch(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not stop the service: later jobs would hang
-                logger.exception("batching loop error; continuing")
+        """Form and compute batches until cancelled; started and stopped by the owner's lifespan.
+
+        A batch is formed whenever a slot is free (one of max_concurrent_batches) and jobs wait.
+        """
+        try:
+            while True:
+                try:
+                    while len(self._running) >= self._slots:
+                        await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                    batch = await self._next_batch()
+                    if batch:
+                        task = asyncio.create_task(self._run_batch(batch))
+                        self._running.add(task)
+                        task.add_done_callback(self._running.discard)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug here must not stop the service: later jobs would hang
+                    logger.exception("batching loop error; continuing")
+        finally:
+            for task in self._running:
+                task.cancel()
+            await asyncio.gather(*self._running, return_exceptions=True)
 
     async def close(self, runner: asyncio.Task[None], drain_timeout_s: float) -> None:
         """Refuse new work; let queued work finish within drain_timeout_s, then fail what is still queued.
@@ -236,7 +261,7 @@ class BatchProcessor:
     async def _run_batch(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        self._in_flight = len(batch)
+        self._in_flight += len(batch)
         for job in batch:
             if job.info is not None:
                 job.info["batch_size"] = len(batch)
@@ -256,10 +281,16 @@ class BatchProcessor:
         else:
             ok = True
             for job, result in zip(batch, results, strict=True):
-                if not job.future.done():  # skip done futures: a timed-out caller cancelled its own
+                if job.future.done():  # skip done futures: a timed-out caller cancelled its own
+                    continue
+                if isinstance(result, ItemError):
+                    job.future.set_exception(result)
+                else:
                     job.future.set_result(result)
         finally:
-            self._in_flight = 0
+            self._in_flight -= len(batch)
+            if not self._in_flight and not self._pending:
+                self._idle.set()
         # Estimate from batches at least half full: a queue drains in full batches, and small batches
         # (cost per item up to 3x higher, and slowest while the loop is busy refusing work) would make a
         # burst of refusals keep itself going.

@@ -3,7 +3,8 @@
     BatchProcessor -> model thread -> ModelProcess.handle_batch(items) --pipe--> child: batch_classification
 
 The child loads and warms up its own copy of the model; the parent keeps its copy for preprocess only.
-Items and results cross the pipe pickled (a batch of 8 images of 224x224x3 bytes is 1.2 MB).
+Items and results cross the pipe pickled (a batch of 8 images of 224x224x3 bytes is 1.2 MB; with
+PREPROCESS_IN_BATCH the items are the uploads, decoded in the child).
 """
 
 from __future__ import annotations
@@ -13,24 +14,28 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import queue
 import signal
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from cpu_runtime import keep_freed_memory
 from settings import Settings
+from task import preprocess_and_classify
 
 logger = logging.getLogger(__name__)
 
 _task: Any = None  # in the child: the task module and its model
 _model: Any = None
+_preprocess_pool: ThreadPoolExecutor | None = None  # PREPROCESS_IN_BATCH: items are uploads, decoded here
+_preprocess_here = False
 
 
 def _start_child(settings: Settings) -> None:
-    global _task, _model
+    global _task, _model, _preprocess_here, _preprocess_pool
     # The parent ends the child (shutdown, or the pipe closing when it dies); a Ctrl-C or SIGTERM sent to
     # the whole process group must not kill the model while the parent still drains its queue.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -43,6 +48,9 @@ def _start_child(settings: Settings) -> None:
         keep_freed_memory()
     _task = importlib.import_module(settings.task_module)  # GOMP_SPINCOUNT came with the parent's environment
     _model = _task.get_model(settings)
+    _preprocess_here = settings.preprocess_in_batch
+    if _preprocess_here and settings.preprocess_workers > 1:
+        _preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
 
 
 def _exit_with(parent_sentinel: int) -> None:
@@ -55,16 +63,25 @@ def _warm_up(max_batch_size: int) -> None:
 
 
 def _batch(items: list[Any]) -> Sequence[Any]:
+    if _preprocess_here:
+        return preprocess_and_classify(_task, _model, items, _preprocess_pool)
     results: Sequence[Any] = _task.batch_classification(_model, items)
     return results
 
 
 class ModelProcess:
-    """The model in one child process; handle_batch blocks (releasing the GIL) until the child answers."""
+    """The model in `count` child processes; handle_batch blocks (releasing the GIL) until a child answers.
 
-    def __init__(self, settings: Settings) -> None:
+    At most `count` handle_batch calls may run at once (the engine's max_concurrent_batches): each takes
+    a free child for its batch.
+    """
+
+    def __init__(self, settings: Settings, count: int = 1) -> None:
         self._settings = settings
-        self._pool = self._start()
+        self._pools = [self._start() for _ in range(count)]
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(count):
+            self._free.put(index)
 
     def _start(self) -> ProcessPoolExecutor:
         # spawn, not fork: a forked child would inherit torch's thread pools in an undefined state.
@@ -72,18 +89,23 @@ class ModelProcess:
                                    initargs=(self._settings,))
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Load the model in the child and run every batch size (blocks until done)."""
-        self._pool.submit(_warm_up, max_batch_size).result()
+        """Load the model in every child and run every batch size (blocks until done)."""
+        for future in [pool.submit(_warm_up, max_batch_size) for pool in self._pools]:
+            future.result()
 
     def handle_batch(self, items: list[Any]) -> Sequence[Any]:
-        """Compute one batch in the child; if the child died, fail this batch and start a new child."""
+        """Compute one batch in a free child; if the child died, fail this batch and start a new child."""
+        index = self._free.get_nowait()  # raises queue.Empty if called more than `count` times at once
         try:
-            return self._pool.submit(_batch, items).result()
+            return self._pools[index].submit(_batch, items).result()
         except BrokenProcessPool:
-            logger.error("the model process died; starting a new one (it loads the model again)")
-            self._pool = self._start()
+            logger.error("a model process died; starting a new one (it loads the model again)")
+            self._pools[index] = self._start()
             raise
+        finally:
+            self._free.put(index)
 
     def close(self) -> None:
-        """Let the child finish its batch, then end it."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Let the children finish their batches, then end them."""
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,14 +21,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.types import Scope
 
-from batching import BatchProcessor, RejectedError
+from batching import BatchProcessor, ItemError, RejectedError
 from cpu_runtime import keep_freed_memory, limit_openmp_spinning
 from guard import RequestGuard, arrival_time
 from inference_process import ModelProcess
 from logs import configure_logging
 from metrics import Metrics
 from settings import Settings
-from task import InputTooLargeError, TaskModule, UnsupportedInputError
+from task import InputTooLargeError, TaskModule, UnsupportedInputError, preprocess_and_classify
 
 logger = logging.getLogger("service")
 
@@ -145,21 +145,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.warning("torch was loaded before the service started: GOMP_SPINCOUNT=%d takes no effect",
                            settings.gomp_spincount)
         task: TaskModule = importlib.import_module(settings.task_module)
-        # Everything that touches the model (load, warm-up, batches) runs on this one thread.
-        model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        # Everything that touches the model (load, warm-up, batches) runs on these threads, one per batch slot.
+        model_thread = ThreadPoolExecutor(settings.model_workers, thread_name_prefix="model")
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(model_thread, task.get_model, settings)  # a bad MODEL fails here
-        process = ModelProcess(settings) if settings.inference_process else None
+        process = ModelProcess(settings, settings.model_workers) if settings.inference_process else None
+        pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
+        if process:
+            handle_batch: Callable[[list[Any]], Sequence[Any]] = process.handle_batch
+        elif settings.preprocess_in_batch:  # the batch holds uploads: decode them, then compute
+            handle_batch = partial(preprocess_and_classify, task, model, pool=pool)
+        else:
+            handle_batch = partial(task.batch_classification, model)
         batcher = BatchProcessor(
-            process.handle_batch if process else partial(task.batch_classification, model),
+            handle_batch,
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             admit_fraction=settings.admit_fraction,
             observer=metrics,
             executor=model_thread,
+            max_concurrent_batches=settings.model_workers,
         )
-        pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
         runtime = Runtime(settings, task, model, batcher, pool, model_thread, process)
         runner = asyncio.create_task(batcher.run())
         warming = asyncio.create_task(_warm_up(runtime))
@@ -226,8 +233,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deadline = arrival_time(request) + settings.timeout
         async with asyncio.timeout_at(deadline):
             data = await file.read()
-            loop = asyncio.get_running_loop()
-            item = await loop.run_in_executor(runtime.preprocess_pool, runtime.task.preprocess, runtime.model, data)
+            item: Any = data  # PREPROCESS_IN_BATCH: preprocessed with its batch
+            if not settings.preprocess_in_batch:
+                loop = asyncio.get_running_loop()
+                item = await loop.run_in_executor(runtime.preprocess_pool, runtime.task.preprocess, runtime.model, data)
             info: dict[str, float] = {}  # filled by the engine, read by the access log
             request.state.batch = info
             work = asyncio.ensure_future(runtime.batcher.submit(item, deadline, info))
@@ -235,6 +244,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 result = await _unless_disconnected(request, work)
             except (RejectedError, TimeoutError, ClientDisconnectedError):
                 raise
+            except ItemError as exc:  # this upload failed its preprocessing inside the batch: a 4xx
+                raise exc.error from None
             except Exception as exc:
                 raise InferenceError("inference failed for the batch holding this request") from exc
         return ClassificationResponse(prediction=result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -29,8 +30,13 @@ class Settings(BaseSettings):
     model_weights: str | None = None
     top_k: int = Field(default=5, ge=1)
     device: str = "cpu"
-    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default
-    preprocess_workers: int = Field(default=1, ge=1)
+    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = the cores shared among model_workers
+    # Batches computed at once: model threads (child processes with inference_process), one model each.
+    model_workers: int = Field(default=1, ge=1)
+    preprocess_workers: int = Field(default=1, ge=1)  # threads decoding uploads
+    # Decode on arrival, overlapping the model (false), or decode each batch's uploads just before computing
+    # it, on the model's side: its own preprocess threads, in the child process with inference_process (true).
+    preprocess_in_batch: bool = False
     inference_process: bool = False  # compute in a child process, out of reach of the server's GIL
     malloc_tuning: bool = True  # keep freed activation buffers mapped (glibc mallopt)
     gomp_spincount: int = Field(default=2000, ge=0)  # idle OpenMP threads spin this long, then sleep
@@ -47,6 +53,12 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = False
     log_requests: bool = False
+
+    def torch_threads(self) -> int:
+        """Intra-op threads per model worker: THREADS, or the cores divided among MODEL_WORKERS (0: torch's own)."""
+        if self.threads or self.model_workers == 1:
+            return self.threads
+        return max(1, len(os.sched_getaffinity(0)) // self.model_workers)
 
     @model_validator(mode="after")
     def _delay_below_timeout(self) -> Settings:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Protocol
+
+from batching import BatchSizeMismatchError, ItemError
 
 if TYPE_CHECKING:
     from settings import Settings
@@ -34,3 +37,24 @@ class TaskModule(Protocol):
     def preprocess(self, model: Any, data: bytes) -> Any: ...  # one upload; raise ValueError on bad input
 
     def batch_classification(self, model: Any, items: list[Any]) -> list[Any]: ...  # same length and order
+
+
+def preprocess_and_classify(task: TaskModule, model: Any, uploads: list[bytes], pool: Executor | None = None
+                            ) -> list[Any]:
+    """Preprocess each upload (on `pool`'s threads, if given), then classify the good ones as one batch.
+
+    A bad upload gets an ItemError holding its ValueError in its place; the others are computed.
+    """
+    def prepare(data: bytes) -> Any:
+        try:
+            return task.preprocess(model, data)
+        except ValueError as exc:
+            return ItemError(exc)
+
+    prepared = list(pool.map(prepare, uploads) if pool else map(prepare, uploads))
+    items = [item for item in prepared if not isinstance(item, ItemError)]
+    results = task.batch_classification(model, items) if items else []
+    if len(results) != len(items):
+        raise BatchSizeMismatchError(f"batch_classification returned {len(results)} results for {len(items)} items")
+    computed = iter(results)
+    return [item if isinstance(item, ItemError) else next(computed) for item in prepared]

@@ -58,6 +58,10 @@ def server_specs(timeout_s: float | None = None) -> dict[str, ServerSpec]:
         "ours-preprocess2": {"PREPROCESS_WORKERS": "2"},
         "ours-compile": {"TORCH_COMPILE": "true"},
         "ours-process": {"INFERENCE_PROCESS": "true"},
+        # Decode each batch just before computing it, on 2 threads, instead of on arrival (as LitServe).
+        "ours-inbatch": {"PREPROCESS_IN_BATCH": "true", "PREPROCESS_WORKERS": "2"},
+        "ours-workers2": {"MODEL_WORKERS": "2", "PREPROCESS_IN_BATCH": "true"},  # 2 models of 1 thread each
+        "ours-process2": {"MODEL_WORKERS": "2", "PREPROCESS_IN_BATCH": "true", "INFERENCE_PROCESS": "true"},
         "ours-spin300k": {"GOMP_SPINCOUNT": "300000"},  # libgomp's default spinning, against our 2000
         "ours-omp-passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # OpenMP threads sleep at once
     }

@@ -29,6 +29,9 @@ class FakeModel:
     fail_with: Exception | None = None
     drop_one_result: bool = False
     batch_s: float = 0.0  # how long each batch "computes"; FAKE_BATCH_S sets it for server processes
+    inside: int = 0  # batches computing now (MODEL_WORKERS > 1 runs several at once)
+    most_inside: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -66,9 +69,16 @@ def preprocess(model: FakeModel, data: bytes) -> bytes:
 def batch_classification(model: FakeModel, items: list[bytes]) -> list[list[dict[str, Any]]]:
     if b"exit-process" in items:  # INFERENCE_PROCESS tests: the model's process dies mid-batch
         os._exit(3)
+    with model.lock:
+        model.inside += 1
+        model.most_inside = max(model.most_inside, model.inside)
     model.entered.set()
-    if not model.gate.wait(timeout=30):
-        raise RuntimeError("gate never opened")
+    try:
+        if not model.gate.wait(timeout=30):
+            raise RuntimeError("gate never opened")
+    finally:
+        with model.lock:
+            model.inside -= 1
     model.batches.append(list(items))
     if model.batch_s:
         time.sleep(model.batch_s)

@@ -298,3 +298,34 @@ async def test_inference_process_computes_in_a_child_and_survives_its_death(make
     assert fake_task.latest().batches == []  # the parent's copy of the model computed nothing
     assert died.status_code == 500 and "Traceback" not in died.text
     assert after.status_code == 200 and after.json()["prediction"][0]["label"] == "again"  # a new child took over
+
+
+@pytest.mark.parametrize("inference_process", [False, True])
+async def test_preprocess_in_batch_fails_a_bad_upload_alone(make_client: MakeClient, inference_process: bool) -> None:
+    async with make_client(preprocess_in_batch=True, inference_process=inference_process,
+                           max_batch_delay_ms=300) as client:
+        uploads = [b"good1", b"%PDF-1.7", b"bad bytes", b"good2"]
+        responses = await asyncio.gather(*(client.post("/cls", **upload(data)) for data in uploads))
+    assert [r.status_code for r in responses] == [200, 415, 400, 200]
+    assert responses[0].json()["prediction"][0]["label"] == "good1"
+    assert responses[1].json() == {"detail": "unsupported image format PDF"}
+    assert responses[3].json()["prediction"][0]["label"] == "good2"
+    if not inference_process:  # the parent's model holds the record; a child's is out of reach
+        assert fake_task.latest().preprocessed == [b"good1", b"good2"]
+        assert fake_task.latest().batches == [[b"good1", b"good2"]]  # decoded with its batch, then computed
+
+
+async def test_model_workers_compute_batches_at_once(make_client: MakeClient) -> None:
+    async with make_client(model_workers=2, max_batch_size=1) as client:
+        model = fake_task.latest()
+        model.gate.clear()
+        posts = [asyncio.create_task(client.post("/cls", **upload(f"p{i}".encode()))) for i in range(3)]
+        for _ in range(500):
+            if model.inside == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert model.inside == 2  # two batches of one computing side by side; the third waits for a slot
+        model.gate.set()
+        responses = await asyncio.gather(*posts)
+    assert [r.json()["prediction"][0]["label"] for r in responses] == ["p0", "p1", "p2"]
+    assert model.most_inside == 2

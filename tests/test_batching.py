@@ -15,6 +15,7 @@ from batching import (
     BatchProcessor,
     BatchSizeMismatchError,
     DeadlineExceededError,
+    ItemError,
     OverloadedError,
     QueueFullError,
     ShuttingDownError,
@@ -34,15 +35,26 @@ class Recorder:
         self.error: Exception | None = None
         self.short = False
         self.compute_s = 0.0  # how long each batch "computes" once through the gate
+        self.rejected: set[Any] = set()  # items answered with an ItemError
+        self.inside = 0  # calls computing now, and the most at once
+        self.most_inside = 0
+        self.lock = threading.Lock()
 
     def __call__(self, items: list[Any]) -> list[Any]:
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
         self.entered.set()
-        assert self.gate.wait(10), "test gate never opened"
-        time.sleep(self.compute_s)
+        try:
+            assert self.gate.wait(10), "test gate never opened"
+            time.sleep(self.compute_s)
+        finally:
+            with self.lock:
+                self.inside -= 1
         self.batches.append(list(items))
         if self.error is not None:
             raise self.error
-        results = [f"r{item}" for item in items]
+        results = [ItemError(ValueError(f"bad {item}")) if item in self.rejected else f"r{item}" for item in items]
         return results[:-1] if self.short else results
 
 
@@ -301,3 +313,74 @@ async def test_admission_keeps_slack_for_slow_batches(make: Any, recorder: Recor
     assert observer.drops["overloaded"] == 1
     recorder.gate.set()
     assert [await running, await queued] == ["rrunning", "rqueued"]
+
+
+async def test_item_error_fails_only_its_item(make: Any, recorder: Recorder) -> None:
+    processor = make(max_batch_delay_s=0.5)
+    recorder.rejected = {"bad"}
+    outcomes = await asyncio.gather(*(processor.submit(x, later()) for x in ("a", "bad", "c")), return_exceptions=True)
+    assert outcomes[0] == "ra" and outcomes[2] == "rc"
+    assert isinstance(outcomes[1], ItemError) and str(outcomes[1].error) == "bad bad"
+    assert recorder.batches == [["a", "bad", "c"]]  # one batch: the bad item did not fail its neighbours
+
+
+async def wait_inside(recorder: Recorder, count: int) -> None:
+    for _ in range(500):
+        if recorder.inside == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{recorder.inside} batches computing, expected {count}")
+
+
+async def test_two_slots_compute_two_batches_at_once(make: Any, recorder: Recorder) -> None:
+    processor = make(max_batch_size=2, max_concurrent_batches=2)
+    recorder.gate.clear()
+    first = [asyncio.create_task(processor.submit(x, later())) for x in "ab"]
+    await wait_inside(recorder, 1)
+    second = [asyncio.create_task(processor.submit(x, later())) for x in "cd"]
+    await wait_inside(recorder, 2)  # the second batch starts while the first still computes
+    third = asyncio.create_task(processor.submit("e", later()))
+    await asyncio.sleep(0.05)
+    assert recorder.inside == 2 and processor.queue_depth == 1  # no third slot: it waits
+    recorder.gate.set()
+    assert [await t for t in (*first, *second, third)] == ["ra", "rb", "rc", "rd", "re"]
+    assert recorder.most_inside == 2
+    assert sorted(map(sorted, recorder.batches)) == [["a", "b"], ["c", "d"], ["e"]]
+
+
+async def test_admission_counts_every_slot(make: Any, recorder: Recorder, observer: Observer) -> None:
+    processor = make(max_batch_size=1, max_concurrent_batches=2)
+    recorder.compute_s = 0.02
+    await processor.submit("measure", later())
+    recorder.compute_s = 0.0
+    per_item = processor.seconds_per_item
+    recorder.gate.clear()
+    running = [asyncio.create_task(processor.submit(x, later())) for x in "ab"]
+    await wait_inside(recorder, 2)
+    queued = [asyncio.create_task(processor.submit(x, later())) for x in "cd"]
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    # Four ahead on two slots, then its own: 3 items' time; one slot would need 5.
+    processor.admit(loop.time() + 4 * per_item)
+    with pytest.raises(OverloadedError):
+        processor.admit(loop.time() + 2 * per_item)
+    recorder.gate.set()
+    assert [await t for t in (*running, *queued)] == ["ra", "rb", "rc", "rd"]
+
+
+async def test_close_finishes_every_running_batch(recorder: Recorder, observer: Observer) -> None:
+    processor = BatchProcessor(recorder, max_batch_size=1, max_batch_delay_s=0.0, max_queue_size=8,
+                               observer=observer, max_concurrent_batches=2)
+    runner = asyncio.create_task(processor.run())
+    recorder.gate.clear()
+    running = [asyncio.create_task(processor.submit(x, later())) for x in "ab"]
+    await wait_inside(recorder, 2)
+    pending = asyncio.create_task(processor.submit("pending", later()))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(processor.close(runner, drain_timeout_s=0.05))
+    await asyncio.sleep(0.1)
+    recorder.gate.set()
+    await closing
+    assert [await t for t in running] == ["ra", "rb"]
+    with pytest.raises(ShuttingDownError):
+        await pending

@@ -21,7 +21,7 @@ from settings import Settings
 process = ModelProcess(Settings(task_module="tests.fake_task"))
 process.warm_up(4)
 answer = process.handle_batch([b"one", b"two"])
-print(next(iter(process._pool._processes)), [r[0]["label"] for r in answer], flush=True)
+print(next(iter(process._pools[0]._processes)), [r[0]["label"] for r in answer], flush=True)
 time.sleep(60)
 """
 

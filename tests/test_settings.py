@@ -36,3 +36,11 @@ def test_openmp_spin_count_defaults_to_2000_and_reads_gomp_spincount(monkeypatch
     assert Settings().gomp_spincount == 2000
     monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # libgomp's own name, so that both read the same value
     assert Settings().gomp_spincount == 300000
+
+
+def test_model_workers_share_the_cores_unless_threads_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert Settings().torch_threads() == 0  # one worker: torch's own default
+    assert Settings(model_workers=2).torch_threads() == 4
+    assert Settings(model_workers=16).torch_threads() == 1
+    assert Settings(model_workers=2, threads=3).torch_threads() == 3
