@@ -2,7 +2,9 @@
 
     BatchProcessor -> model thread -> ModelProcess.handle_batch(items) --pipe--> child: batch_classification
 
-The child loads and warms up its own copy of the model; the parent keeps its copy for preprocess only.
+Each child loads and warms up its own copy of the model. With PREPROCESS_IN_BATCH (the default) the parent
+never touches the model, and does not even import torch (about 350 MB less per server); otherwise it
+keeps a copy for preprocess only.
 Items and results cross the pipe pickled (a batch of 8 images of 224x224x3 bytes is 1.2 MB; with
 PREPROCESS_IN_BATCH the items are the uploads, decoded in the child).
 """
@@ -32,9 +34,18 @@ _task: Any = None  # in the child: the task module and its model
 _model: Any = None
 _preprocess_pool: ThreadPoolExecutor | None = None  # PREPROCESS_IN_BATCH: items are uploads, decoded here
 _preprocess_here = False
+_start_error: Exception | None = None  # why the model could not load: raised by every call, the parent reports it
 
 
 def _start_child(settings: Settings) -> None:
+    global _start_error
+    try:
+        _load(settings)
+    except Exception as exc:  # an initializer that raises breaks the pool and loses the reason: keep it
+        _start_error = exc
+
+
+def _load(settings: Settings) -> None:
     global _task, _model, _preprocess_here, _preprocess_pool
     # The parent ends the child (shutdown, or the pipe closing when it dies); a Ctrl-C or SIGTERM sent to
     # the whole process group must not kill the model while the parent still drains its queue.
@@ -58,11 +69,18 @@ def _exit_with(parent_sentinel: int) -> None:
     os._exit(0)
 
 
+def _loaded() -> None:
+    if _start_error is not None:
+        raise _start_error
+
+
 def _warm_up(max_batch_size: int) -> None:
+    _loaded()
     _task.warm_up(_model, max_batch_size)
 
 
 def _batch(items: list[Any]) -> Sequence[Any]:
+    _loaded()
     if _preprocess_here:
         return preprocess_and_classify(_task, _model, items, _preprocess_pool)
     results: Sequence[Any] = _task.batch_classification(_model, items)
@@ -87,6 +105,11 @@ class ModelProcess:
         # spawn, not fork: a forked child would inherit torch's thread pools in an undefined state.
         return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_child,
                                    initargs=(self._settings,))
+
+    def load(self) -> None:
+        """Wait until every child has loaded the model; raise the error of one that could not."""
+        for future in [pool.submit(_loaded) for pool in self._pools]:
+            future.result()
 
     def warm_up(self, max_batch_size: int) -> None:
         """Load the model in every child and run every batch size (blocks until done)."""

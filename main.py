@@ -73,16 +73,47 @@ class ErrorResponse(BaseModel):
 
 
 @dataclass
+class ModelSide:
+    """Where uploads are decoded and batches computed, as the settings say."""
+
+    handle_batch: Callable[[list[Any]], Sequence[Any]]
+    warm_up: Callable[[int], None]
+    preprocess: Callable[[bytes], Any] | None  # on arrival; None: each batch decodes its own uploads
+    process: ModelProcess | None  # INFERENCE_PROCESS: the models compute in child processes
+
+
+async def load_model(settings: Settings, model_thread: ThreadPoolExecutor, pool: ThreadPoolExecutor) -> ModelSide:
+    """Load the task's model where it will run; a bad MODEL raises here and fails the start."""
+    loop = asyncio.get_running_loop()
+    process = ModelProcess(settings, settings.model_workers) if settings.inference_process else None
+    try:
+        if process and settings.preprocess_in_batch:  # the children decode and compute: no torch in this process
+            await loop.run_in_executor(model_thread, process.load)
+            return ModelSide(process.handle_batch, process.warm_up, None, process)
+        task: TaskModule = importlib.import_module(settings.task_module)
+        model = await loop.run_in_executor(model_thread, task.get_model, settings)
+    except BaseException:
+        if process:
+            process.close()
+        raise
+    preprocess = None if settings.preprocess_in_batch else partial(task.preprocess, model)
+    if process:
+        return ModelSide(process.handle_batch, process.warm_up, preprocess, process)
+    if settings.preprocess_in_batch:
+        return ModelSide(partial(preprocess_and_classify, task, model, pool=pool), partial(task.warm_up, model),
+                         None, None)
+    return ModelSide(partial(task.batch_classification, model), partial(task.warm_up, model), preprocess, None)
+
+
+@dataclass
 class Runtime:
     """What the lifespan builds once per process and the routes share."""
 
     settings: Settings
-    task: TaskModule
-    model: Any
+    model: ModelSide
     batcher: BatchProcessor
     preprocess_pool: ThreadPoolExecutor
     model_thread: ThreadPoolExecutor
-    process: ModelProcess | None  # INFERENCE_PROCESS: the model computes in a child process
     ready: bool = False
 
 
@@ -144,21 +175,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not limit_openmp_spinning(settings.gomp_spincount):  # before the task module loads torch
             logger.warning("torch was loaded before the service started: GOMP_SPINCOUNT=%d takes no effect",
                            settings.gomp_spincount)
-        task: TaskModule = importlib.import_module(settings.task_module)
         # Everything that touches the model (load, warm-up, batches) runs on these threads, one per batch slot.
         model_thread = ThreadPoolExecutor(settings.model_workers, thread_name_prefix="model")
-        loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(model_thread, task.get_model, settings)  # a bad MODEL fails here
-        process = ModelProcess(settings, settings.model_workers) if settings.inference_process else None
         pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
-        if process:
-            handle_batch: Callable[[list[Any]], Sequence[Any]] = process.handle_batch
-        elif settings.preprocess_in_batch:  # the batch holds uploads: decode them, then compute
-            handle_batch = partial(preprocess_and_classify, task, model, pool=pool)
-        else:
-            handle_batch = partial(task.batch_classification, model)
+        model = await load_model(settings, model_thread, pool)
         batcher = BatchProcessor(
-            handle_batch,
+            model.handle_batch,
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
@@ -167,7 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             executor=model_thread,
             max_concurrent_batches=settings.model_workers,
         )
-        runtime = Runtime(settings, task, model, batcher, pool, model_thread, process)
+        runtime = Runtime(settings, model, batcher, pool, model_thread)
         runner = asyncio.create_task(batcher.run())
         warming = asyncio.create_task(_warm_up(runtime))
         try:
@@ -178,15 +200,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await batcher.close(runner, drain_timeout_s=settings.timeout)
             pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(model_thread.shutdown, wait=True)
-            if process:
-                await asyncio.to_thread(process.close)
+            if model.process:
+                await asyncio.to_thread(model.process.close)
 
     async def _warm_up(runtime: Runtime) -> None:
         # May be slow for a big model: /healthz answers meanwhile, /readyz and /cls say 503.
         started = asyncio.get_running_loop().time()
-        warm_up = runtime.process.warm_up if runtime.process else partial(runtime.task.warm_up, runtime.model)
         try:
-            await asyncio.get_running_loop().run_in_executor(runtime.model_thread, warm_up, settings.max_batch_size)
+            await asyncio.get_running_loop().run_in_executor(runtime.model_thread, runtime.model.warm_up,
+                                                             settings.max_batch_size)
         except Exception:
             logger.exception("warm-up failed; the service stays unready")
             return
@@ -233,10 +255,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deadline = arrival_time(request) + settings.timeout
         async with asyncio.timeout_at(deadline):
             data = await file.read()
-            item: Any = data  # PREPROCESS_IN_BATCH: preprocessed with its batch
-            if not settings.preprocess_in_batch:
-                loop = asyncio.get_running_loop()
-                item = await loop.run_in_executor(runtime.preprocess_pool, runtime.task.preprocess, runtime.model, data)
+            item: Any = data  # PREPROCESS_IN_BATCH: decoded with its batch
+            if runtime.model.preprocess:
+                item = await asyncio.get_running_loop().run_in_executor(runtime.preprocess_pool,
+                                                                        runtime.model.preprocess, data)
             info: dict[str, float] = {}  # filled by the engine, read by the access log
             request.state.batch = info
             work = asyncio.ensure_future(runtime.batcher.submit(item, deadline, info))

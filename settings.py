@@ -31,13 +31,13 @@ class Settings(BaseSettings):
     top_k: int = Field(default=5, ge=1)
     device: str = "cpu"
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = the cores shared among model_workers
-    # Batches computed at once: model threads (child processes with inference_process), one model each.
-    model_workers: int = Field(default=1, ge=1)
+    # Batches computed at once: model child processes (threads without inference_process), one model each.
+    model_workers: int = Field(default=2, ge=1)
     preprocess_workers: int = Field(default=1, ge=1)  # threads decoding uploads
     # Decode on arrival, overlapping the model (false), or decode each batch's uploads just before computing
     # it, on the model's side: its own preprocess threads, in the child process with inference_process (true).
-    preprocess_in_batch: bool = False
-    inference_process: bool = False  # compute in a child process, out of reach of the server's GIL
+    preprocess_in_batch: bool = True
+    inference_process: bool = True  # compute in child processes, out of reach of the server's GIL
     malloc_tuning: bool = True  # keep freed activation buffers mapped (glibc mallopt)
     gomp_spincount: int = Field(default=2000, ge=0)  # idle OpenMP threads spin this long, then sleep
     bf16: bool = False

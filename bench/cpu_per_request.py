@@ -16,17 +16,15 @@ from pathlib import Path
 
 import load
 from photos import SIZES, make_photos
-from servers import serve, server_specs
+from servers import group_pids, serve, server_specs
 
 
 def thread_cpu_s(group: int) -> dict[tuple[int, int], float]:
     """User + system CPU seconds of each thread of each process in a process group, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = {}
-    for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
+    for pid in group_pids(group):
         try:
-            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2]) != group:
-                continue
             for tid in os.listdir(f"/proc/{pid}/task"):
                 stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
                 fields = stat[stat.rindex(")") + 2:].split()

@@ -50,11 +50,11 @@ def _crop(pixels: torch.Tensor, model: Classifier) -> np.ndarray:
 
 
 def pillow(model: Classifier, data: bytes) -> np.ndarray:
-    image = Image.open(io.BytesIO(data))
-    width, height = image.size
+    opened = Image.open(io.BytesIO(data))
+    width, height = opened.size
     scale = min(width, height) / model.resize
-    image.draft("RGB", (int(width / scale), int(height / scale)))
-    image = image.convert("RGB")
+    opened.draft("RGB", (int(width / scale), int(height / scale)))
+    image = opened.convert("RGB")
     scale = model.resize / min(image.size)
     size = (max(model.crop, round(image.width * scale)), max(model.crop, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BILINEAR)

@@ -1,9 +1,10 @@
 """Benchmark everything in one go, with the same photos and the same load generator for every server.
 
 offline limit (no HTTP, in a process of its own) -> generator ceiling -> closed loops at C=1,4,16, repeats
-interleaved, against ours (MAX_BATCH_DELAY_MS=0), ours-delay10ms (=10), the naive server and LitServe, all
-running side by side -> ours with TIMEOUT=1.0: open-loop overload at 2x saturation (+ one request right after),
-70% soak -> bench/results/latest.json, PNG plots, README section.
+interleaved, against ours (MAX_BATCH_DELAY_MS=0), ours-delay10ms (=10), ours-thread (the model on one thread of
+the server process, the default before bench/results/workers), the naive server and LitServe, all running side
+by side -> ours and ours-thread with TIMEOUT=1.0: open-loop overload at 2x saturation (+ one request right
+after), ours: 70% soak -> bench/results/latest.json, PNG plots, README section.
 Full run: `.venv/bin/python bench/run.py` (about 20 minutes); smoke run: add `--quick`. The service's other
 settings are measured on demand: `--servers ours,ours-process,...` (the variants in servers.py).
 """
@@ -230,9 +231,9 @@ def main() -> None:
     for name, value in FULL.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), help=f"(default {value}, quick "
                             f"{QUICK[name]})")
-    parser.add_argument("--servers", default="ours,ours-delay10ms,naive,litserve",
+    parser.add_argument("--servers", default="ours,ours-delay10ms,ours-thread,naive,litserve",
                         help="comma-separated (default: %(default)s)")
-    parser.add_argument("--overload-servers", default="ours", help="servers that also get the overload at 2x their "
+    parser.add_argument("--overload-servers", default="ours,ours-thread", help="servers that also get the overload at 2x their "
                         "saturation (ours also the soak; default: %(default)s)")
     parser.add_argument("--concurrency", default="1,4,16", help="closed-loop clients; the lowest gives latency, "
                         "the highest saturation (default: %(default)s)")

@@ -23,8 +23,11 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def settings() -> Settings:
+    # The model on one thread of the test process, decoding on arrival: the fake model's record stays in
+    # reach. The default (child processes decoding their batches) has tests of its own.
     return Settings(task_module="tests.fake_task", timeout=2.0, max_batch_size=4, max_batch_delay_ms=0,
-                    max_queue_size=8, max_upload_bytes=10_000)
+                    max_queue_size=8, max_upload_bytes=10_000, inference_process=False, model_workers=1,
+                    preprocess_in_batch=False)
 
 
 @pytest.fixture(autouse=True)

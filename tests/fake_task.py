@@ -43,6 +43,8 @@ def latest() -> FakeModel:
 
 
 def get_model(settings: Any) -> FakeModel:
+    if settings.model == "broken":  # what a bad MODEL does to the real task: fail the start, saying why
+        raise ValueError("MODEL=broken is not a model")
     model = FakeModel(batch_s=float(os.environ.get("FAKE_BATCH_S", "0")))
     _models.append(model)
     return model

@@ -14,7 +14,7 @@ import pytest
 from main import create_app
 from settings import Settings
 from tests import fake_task
-from tests.conftest import wait_until_ready
+from tests.conftest import serve, wait_until_ready
 
 pytestmark = pytest.mark.anyio
 MakeClient = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
@@ -329,3 +329,13 @@ async def test_model_workers_compute_batches_at_once(make_client: MakeClient) ->
         responses = await asyncio.gather(*posts)
     assert [r.json()["prediction"][0]["label"] for r in responses] == ["p0", "p1", "p2"]
     assert model.most_inside == 2
+
+
+@pytest.mark.parametrize("inference_process", [False, True])
+async def test_a_model_that_cannot_load_fails_the_start_saying_why(settings: Settings,
+                                                                  inference_process: bool) -> None:
+    broken = Settings(**(settings.model_dump() | {"model": "broken", "inference_process": inference_process,
+                                                  "preprocess_in_batch": True}))
+    with pytest.raises(ValueError, match="MODEL=broken is not a model"):  # from the child process, too
+        async with serve(broken):
+            pass

@@ -80,7 +80,9 @@ def arrived(url: str) -> float:
 def test_uvicorn_serves_the_real_model() -> None:
     port = free_port()
     command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
-    with server(command, port, {"TIMEOUT": "10"}) as (url, _):  # a slow CI machine must not turn this into 504s
+    with server(command, port, {"TIMEOUT": "10"}) as (url, process):  # a slow CI machine must not turn this into 504s
+        # By default the model processes decode and compute; the server process does not even load torch.
+        assert "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text()
         response = post(url, jpeg("chelsea"))
         assert response.status_code == 200
         assert response.json()["prediction"][0]["label"] in CATS

@@ -11,17 +11,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A parent that starts the model process with the fake task, computes one batch, prints the child's pid
-# and its answer, then waits to be killed.
+# A parent that starts two model processes with the fake task, computes a batch in each, prints the
+# children's pids and their answers, then waits to be killed.
 PARENT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from inference_process import ModelProcess
 from settings import Settings
-process = ModelProcess(Settings(task_module="tests.fake_task"))
+process = ModelProcess(Settings(task_module="tests.fake_task"), 2)
 process.warm_up(4)
-answer = process.handle_batch([b"one", b"two"])
-print(next(iter(process._pools[0]._processes)), [r[0]["label"] for r in answer], flush=True)
+answers = [process.handle_batch([b"one", b"two"]), process.handle_batch([b"%PDF", b"three"])]
+pids = [pid for pool in process._pools for pid in pool._processes]
+labels = [r[0]["label"] if isinstance(r, list) else type(r.error).__name__ for a in answers for r in a]
+print(",".join(map(str, pids)), labels, flush=True)
 time.sleep(60)
 """
 
@@ -34,19 +36,21 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has exited
 
 
-def test_child_computes_and_exits_when_its_parent_is_killed() -> None:
+def test_children_compute_and_exit_when_their_parent_is_killed() -> None:
     with subprocess.Popen([sys.executable, "-c", PARENT, str(ROOT)], cwd=ROOT, stdout=subprocess.PIPE,
                           text=True) as parent:
         try:
             assert parent.stdout is not None
-            child_pid, labels = parent.stdout.readline().split(" ", 1)
-            assert labels.strip() == "['one', 'two']"
-            assert _alive(int(child_pid))
-            parent.send_signal(signal.SIGKILL)  # no shutdown, no cleanup: only the child's watch can notice
+            pids, labels = parent.stdout.readline().split(" ", 1)
+            # Each child decodes its batch (PREPROCESS_IN_BATCH, the default): a bad upload fails alone.
+            assert labels.strip() == "['one', 'two', 'UnsupportedInputError', 'three']"
+            children = [int(pid) for pid in pids.split(",")]
+            assert len(set(children)) == 2 and all(map(_alive, children))
+            parent.send_signal(signal.SIGKILL)  # no shutdown, no cleanup: only the children's watch can notice
             parent.wait(timeout=10)
             deadline = time.monotonic() + 10
-            while _alive(int(child_pid)):
-                assert time.monotonic() < deadline, "the model process outlived its parent"
+            while any(map(_alive, children)):
+                assert time.monotonic() < deadline, "a model process outlived its parent"
                 time.sleep(0.05)
         finally:
             parent.kill()

@@ -15,9 +15,10 @@ def test_seed_lowercase_timeout_env_is_read(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.timeout == 1.0 and settings.max_batch_size == 16
 
 
-def test_defaults_batch_without_delay() -> None:
+def test_defaults_batch_without_delay_in_two_model_processes() -> None:
     settings = Settings()
     assert (settings.timeout, settings.max_batch_size, settings.max_batch_delay_ms, settings.top_k) == (2.0, 8, 0, 5)
+    assert (settings.inference_process, settings.model_workers, settings.preprocess_in_batch) == (True, 2, True)
 
 
 def test_batch_delay_must_be_below_timeout() -> None:
@@ -40,7 +41,7 @@ def test_openmp_spin_count_defaults_to_2000_and_reads_gomp_spincount(monkeypatch
 
 def test_model_workers_share_the_cores_unless_threads_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    assert Settings().torch_threads() == 0  # one worker: torch's own default
-    assert Settings(model_workers=2).torch_threads() == 4
+    assert Settings(model_workers=1).torch_threads() == 0  # one worker: torch's own default
+    assert Settings().torch_threads() == 4  # two workers by default
     assert Settings(model_workers=16).torch_threads() == 1
     assert Settings(model_workers=2, threads=3).torch_threads() == 3
