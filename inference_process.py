@@ -18,6 +18,7 @@ import multiprocessing.connection
 import os
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -74,13 +75,26 @@ def _loaded() -> None:
         raise _start_error
 
 
-def _warm_up(max_batch_size: int) -> None:
-    _loaded()
-    _task.warm_up(_model, max_batch_size)
+def torch_threads(count: int = 0) -> int:
+    """Torch's intra-op threads in this process, after setting them to `count` if given; 0 without torch."""
+    torch = sys.modules.get("torch")  # the task's business: only adjusted if the task uses torch
+    if torch is None:
+        return 0
+    if count and torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return int(torch.get_num_threads())
 
 
-def _batch(items: list[Any]) -> Sequence[Any]:
+def _warm_up(max_batch_size: int, thread_counts: tuple[int, ...]) -> None:
     _loaded()
+    for count in thread_counts:  # the last one is the one batches mostly run with
+        torch_threads(count)
+        _task.warm_up(_model, max_batch_size)
+
+
+def _batch(items: list[Any], threads: int) -> Sequence[Any]:
+    _loaded()
+    torch_threads(threads)
     if _preprocess_here:
         return preprocess_and_classify(_task, _model, items, _preprocess_pool)
     results: Sequence[Any] = _task.batch_classification(_model, items)
@@ -91,11 +105,16 @@ class ModelProcess:
     """The model in `count` child processes; handle_batch blocks (releasing the GIL) until a child answers.
 
     At most `count` handle_batch calls may run at once (the engine's max_concurrent_batches): each takes
-    a free child for its batch.
+    a free child for its batch. Each child computes with its share of the cores (Settings.torch_threads);
+    a batch that finds every other child idle gets all of them, so one request alone is not slowed down
+    by the split (unless THREADS fixes the count).
     """
 
     def __init__(self, settings: Settings, count: int = 1) -> None:
         self._settings = settings
+        share = settings.torch_threads()
+        self._lone_threads = share * count if settings.threads == 0 and count > 1 else share
+        self._shared_threads = share
         self._pools = [self._start() for _ in range(count)]
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for index in range(count):
@@ -113,14 +132,17 @@ class ModelProcess:
 
     def warm_up(self, max_batch_size: int) -> None:
         """Load the model in every child and run every batch size (blocks until done)."""
-        for future in [pool.submit(_warm_up, max_batch_size) for pool in self._pools]:
+        counts = (self._lone_threads, self._shared_threads)
+        for future in [pool.submit(_warm_up, max_batch_size, counts) for pool in self._pools]:
             future.result()
 
     def handle_batch(self, items: list[Any]) -> Sequence[Any]:
         """Compute one batch in a free child; if the child died, fail this batch and start a new child."""
         index = self._free.get_nowait()  # raises queue.Empty if called more than `count` times at once
+        alone = self._free.qsize() == len(self._pools) - 1
         try:
-            return self._pools[index].submit(_batch, items).result()
+            return self._pools[index].submit(_batch, items,
+                                             self._lone_threads if alone else self._shared_threads).result()
         except BrokenProcessPool:
             logger.error("a model process died; starting a new one (it loads the model again)")
             self._pools[index] = self._start()

@@ -233,8 +233,8 @@ def main() -> None:
                             f"{QUICK[name]})")
     parser.add_argument("--servers", default="ours,ours-delay10ms,ours-thread,naive,litserve",
                         help="comma-separated (default: %(default)s)")
-    parser.add_argument("--overload-servers", default="ours,ours-thread", help="servers that also get the overload at 2x their "
-                        "saturation (ours also the soak; default: %(default)s)")
+    parser.add_argument("--overload-servers", default="ours,ours-thread", help="servers that also get the "
+                        "overload at 2x their saturation (ours also the soak; default: %(default)s)")
     parser.add_argument("--concurrency", default="1,4,16", help="closed-loop clients; the lowest gives latency, "
                         "the highest saturation (default: %(default)s)")
     parser.add_argument("--size", choices=sorted(SIZES), default="640x480", help="photo size (default: %(default)s)")

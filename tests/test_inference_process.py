@@ -1,13 +1,21 @@
-"""INFERENCE_PROCESS: the model's child process computes batches and never outlives its parent."""
+"""INFERENCE_PROCESS: the model processes compute batches, share the cores, and never outlive their parent."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
+
+import skimage.data
+from PIL import Image
+
+from inference_process import ModelProcess, torch_threads
+from settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +62,29 @@ def test_children_compute_and_exit_when_their_parent_is_killed() -> None:
                 time.sleep(0.05)
         finally:
             parent.kill()
+
+
+
+def test_a_batch_alone_gets_every_core_and_a_share_otherwise() -> None:
+    with patch("os.sched_getaffinity", lambda pid: {0, 1}):  # a two-core machine: one core per child
+        settings = Settings(max_batch_size=2)
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(buffer, format="JPEG")  # type: ignore[no-untyped-call]
+    process = ModelProcess(settings, 2)  # the real model, with torch, in each child
+    try:
+        process.load()
+        process.warm_up(2)
+        threads = [pool.submit(torch_threads).result() for pool in process._pools]
+        assert threads == [1, 1]
+        [alone] = process.handle_batch([buffer.getvalue()])  # no other batch computing
+        assert alone[0]["label"] in {"tiger cat", "tabby", "Egyptian cat"}
+        first = [pool.submit(torch_threads).result() for pool in process._pools]
+        assert sorted(first) == [1, 2]
+        busy = process._free.get_nowait()  # as if the other child were computing a batch
+        try:
+            process.handle_batch([buffer.getvalue()])
+        finally:
+            process._free.put(busy)
+        assert [pool.submit(torch_threads).result() for pool in process._pools] == [1, 1]
+    finally:
+        process.close()
