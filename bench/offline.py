@@ -113,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
 
     keep_freed_memory()  # the same allocator set-up as the service
-    model = classification.get_model(Settings())
+    model = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     result = measure(model, make_photos()[args.size], batch_sizes, args.seconds, args.preprocess_workers,
                      args.latency_runs)

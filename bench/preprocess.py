@@ -31,22 +31,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision.io  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.transforms.v2 import functional as tvf  # noqa: E402
 
 import classification  # noqa: E402
 from classification.model import Classifier  # noqa: E402
 from photos import PHOTOS, make_photos  # noqa: E402
-
-
-def _crop(pixels: torch.Tensor, model: Classifier) -> np.ndarray:
-    """Resize a CHW uint8 tensor's shorter side to model.resize, centre-crop, return HWC."""
-    height, width = pixels.shape[1:]
-    scale = model.resize / min(width, height)
-    size = [max(model.crop, round(height * scale)), max(model.crop, round(width * scale))]
-    pixels = tvf.resize(pixels, size, interpolation=tvf.InterpolationMode.BILINEAR, antialias=True)
-    top, left = (size[0] - model.crop) // 2, (size[1] - model.crop) // 2
-    item: np.ndarray = pixels[:, top:top + model.crop, left:left + model.crop].permute(1, 2, 0).numpy()
-    return item
 
 
 def pillow(model: Classifier, data: bytes) -> np.ndarray:
@@ -64,7 +52,9 @@ def pillow(model: Classifier, data: bytes) -> np.ndarray:
 
 def torchvision_io(model: Classifier, data: bytes) -> np.ndarray:
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return _crop(torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB), model)
+    pixels = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB)
+    item: np.ndarray = classification.resize_and_crop(model, pixels)
+    return item
 
 
 WAYS: dict[str, Callable[[Classifier, bytes], np.ndarray]] = {
@@ -88,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     keep_freed_memory()
-    model = classification.get_model(Settings())
+    model = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
     result: dict[str, Any] = {"runs": args.runs, "torch_threads": torch.get_num_threads(), "sizes": {}}
     for size, jpegs in make_photos().items():
         rows: dict[str, Any] = {}

@@ -46,8 +46,12 @@ def preprocess(model: Classifier, data: bytes) -> np.ndarray:
     faster than Pillow's resize on the channels-last view here (bench/preprocess.py measures both).
     """
     rgb = decode_rgb(open_image(data, max_pixels=model.max_pixels), draft_size=model.resize)
-    pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # CHW view of HWC memory: the fast layout
-    width, height = rgb.size
+    return resize_and_crop(model, torch.from_numpy(np.array(rgb)).permute(2, 0, 1))  # CHW view of HWC memory
+
+
+def resize_and_crop(model: Classifier, pixels: torch.Tensor) -> np.ndarray:
+    """Resize a 3 x H x W uint8 image's shorter side to model.resize, centre-crop model.crop; return HWC."""
+    height, width = pixels.shape[1:]
     scale = model.resize / min(width, height)
     size = [max(model.crop, round(height * scale)), max(model.crop, round(width * scale))]
     pixels = tvf.resize(pixels, size, interpolation=tvf.InterpolationMode.BILINEAR, antialias=True)
