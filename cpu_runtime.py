@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
+from pathlib import Path
 
 
 def keep_freed_memory() -> bool:
@@ -38,3 +40,29 @@ def limit_openmp_spinning(spin_count: int) -> bool:
         return os.environ.get("GOMP_SPINCOUNT") == str(spin_count)
     os.environ["GOMP_SPINCOUNT"] = str(spin_count)
     return True
+
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container's CPU limit).
+
+    Torch sizes its thread pool by the cores it sees; in a container limited to 2 CPUs on a 32-core node
+    that is 32 threads sharing 2 CPUs' worth of time.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota = _cgroup_quota(cgroup_root)
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """CPUs' worth of time per period from cgroup v2 (cpu.max) or v1 (cfs quota/period); None if unlimited."""
+    try:
+        quota, period = Path(root, "cpu.max").read_text().split()  # cgroup v2: "max 100000" or "200000 100000"
+    except (OSError, ValueError):
+        try:
+            quota = Path(root, "cpu", "cpu.cfs_quota_us").read_text().strip()  # cgroup v1: -1 when unlimited
+            period = Path(root, "cpu", "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return int(quota) / int(period)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cpu_runtime import available_cpus
 
 
 class Settings(BaseSettings):
@@ -30,7 +31,7 @@ class Settings(BaseSettings):
     model_weights: str | None = None
     top_k: int = Field(default=5, ge=1)
     device: str = "cpu"
-    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = the cores shared among model_workers
+    threads: int = Field(default=0, ge=0)  # torch intra-op threads per model worker; 0 = a share of the CPUs
     # Batches computed at once: model child processes (threads without inference_process), one model each.
     model_workers: int = Field(default=2, ge=1)
     preprocess_workers: int = Field(default=1, ge=1)  # threads decoding uploads
@@ -55,10 +56,8 @@ class Settings(BaseSettings):
     log_requests: bool = False
 
     def torch_threads(self) -> int:
-        """Intra-op threads per model worker: THREADS, or the cores divided among MODEL_WORKERS (0: torch's own)."""
-        if self.threads or self.model_workers == 1:
-            return self.threads
-        return max(1, len(os.sched_getaffinity(0)) // self.model_workers)
+        """Intra-op threads per model worker: THREADS, or the available CPUs divided among MODEL_WORKERS."""
+        return self.threads or max(1, available_cpus() // self.model_workers)
 
     @model_validator(mode="after")
     def _delay_below_timeout(self) -> Settings:

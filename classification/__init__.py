@@ -22,8 +22,7 @@ Prediction = dict[str, Any]
 
 def get_model(settings: Settings) -> Classifier:
     """Load the configured classifier from local files."""
-    if threads := settings.torch_threads():
-        torch.set_num_threads(threads)
+    torch.set_num_threads(settings.torch_threads())
     return load_classifier(settings.model, settings.model_weights, device=settings.device,
                            top_k=settings.top_k, max_pixels=settings.max_image_pixels, bf16=settings.bf16,
                            compile_for_batch_sizes=settings.max_batch_size if settings.torch_compile else 0)
@@ -42,8 +41,8 @@ def warm_up(model: Classifier, max_batch_size: int) -> None:
 def preprocess(model: Classifier, data: bytes) -> np.ndarray:
     """Decode one upload to a crop x crop x 3 uint8 array: resize the shorter side, centre-crop.
 
-    Pillow decodes (big JPEGs at a DCT-reduced scale: 5x faster at 1080p); torch resizes, about 4x
-    faster than Pillow's resize on the channels-last view here (bench/preprocess.py measures both).
+    Pillow decodes (big JPEGs at a DCT-reduced scale); torch resizes the channels-last view: 640x480
+    decode + resize 2.3 ms against 3.9 ms with Pillow resizing too (bench/preprocess.py).
     """
     rgb = decode_rgb(open_image(data, max_pixels=model.max_pixels), draft_size=model.resize)
     return resize_and_crop(model, torch.from_numpy(np.array(rgb)).permute(2, 0, 1))  # CHW view of HWC memory

@@ -38,3 +38,22 @@ def test_spin_limit_set_before_torch_loads_decides_whether_idle_threads_spin(spi
     idle_cpu_s, changed_later = float(out[0]), out[1]
     assert (idle_cpu_s > 0.2) if spins else (idle_cpu_s < 0.1), idle_cpu_s
     assert changed_later == "False"  # once torch is loaded, another value is refused, not silently ignored
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2: a limit of 1.5 CPUs rounds up to 2
+    ({"cpu.max": "max 100000\n"}, 8),  # v2, unlimited: the affinity mask
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 8),  # v1, unlimited
+    ({"cpu.max": "3200000 100000\n"}, 8),  # a quota above the cores this process may run on
+    ({}, 8),  # no cgroup files at all
+])
+def test_available_cpus_honours_a_container_cpu_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       files: dict[str, str], expected: int) -> None:
+    from cpu_runtime import available_cpus
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert available_cpus(str(tmp_path)) == expected

@@ -66,11 +66,10 @@ def test_children_compute_and_exit_when_their_parent_is_killed() -> None:
 
 
 def test_a_batch_alone_gets_every_core_and_a_share_otherwise() -> None:
-    with patch("os.sched_getaffinity", lambda pid: {0, 1}):  # a two-core machine: one core per child
-        settings = Settings(max_batch_size=2)
     buffer = io.BytesIO()
     Image.fromarray(skimage.data.chelsea()).save(buffer, format="JPEG")  # type: ignore[no-untyped-call]
-    process = ModelProcess(settings, 2)  # the real model, with torch, in each child
+    with patch("settings.available_cpus", lambda: 2):  # a two-CPU machine: one CPU per child
+        process = ModelProcess(Settings(max_batch_size=2), 2)  # the real model, with torch, in each child
     try:
         process.load()
         process.warm_up(2)

@@ -39,9 +39,9 @@ def test_openmp_spin_count_defaults_to_2000_and_reads_gomp_spincount(monkeypatch
     assert Settings().gomp_spincount == 300000
 
 
-def test_model_workers_share_the_cores_unless_threads_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    assert Settings(model_workers=1).torch_threads() == 0  # one worker: torch's own default
+def test_model_workers_share_the_cpus_unless_threads_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("settings.available_cpus", lambda: 8)
+    assert Settings(model_workers=1).torch_threads() == 8
     assert Settings().torch_threads() == 4  # two workers by default
     assert Settings(model_workers=16).torch_threads() == 1
     assert Settings(model_workers=2, threads=3).torch_threads() == 3
