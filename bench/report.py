@@ -135,7 +135,9 @@ def markdown(results: dict[str, Any], plots: list[Path], readme_dir: Path) -> st
                   f"goodput {_fmt(m['goodput_per_s'], 1)}/s, 200s p99 {_fmt(m['ok_p99_ms'])} ms; RSS of the "
                   f"server and its model processes, first {mem['window_s']:g} s {mem['first_rss_mib']:.0f} MiB, last "
                   f"{mem['window_s']:g} s {mem['last_rss_mib']:.0f} MiB, largest sample {mem['max_rss_mib']:.0f} MiB, "
-                  f"peak (each process's VmHWM, summed) {mem['peak_hwm_mib']:.0f} MiB."]
+                  f"peak (each process's VmHWM, summed) {mem['peak_hwm_mib']:.0f} MiB"
+                  + (f"; per minute {', '.join(f'{m:.0f}' for m in per_minute)} MiB."
+                     if (per_minute := mem.get("rss_per_minute_mib")) else ".")]
     if ceiling := results.get("ceiling"):
         lines += ["", f"Generator ceiling: {ceiling['completed_per_s']:.0f} requests/s against GET /healthz "
                   f"with {ceiling['concurrency']} clients."]

@@ -126,9 +126,13 @@ def memory_summary(samples: list[tuple[float, int, int]], seconds: float) -> dic
     end = samples[-1][0]
     first = [rss for t, rss, _ in samples if t <= window]
     last = [rss for t, rss, _ in samples if t >= end - window]
+    minutes: dict[int, list[int]] = {}
+    for t, rss, _ in samples:
+        minutes.setdefault(int(t // 60), []).append(rss)
     return {"window_s": window, "first_rss_mib": statistics.mean(first) / 1024,
             "last_rss_mib": statistics.mean(last) / 1024, "max_rss_mib": max(s[1] for s in samples) / 1024,
-            "peak_hwm_mib": max(s[2] for s in samples) / 1024, "samples": len(samples)}
+            "peak_hwm_mib": max(s[2] for s in samples) / 1024, "samples": len(samples),
+            "rss_per_minute_mib": [round(statistics.mean(values) / 1024, 1) for _, values in sorted(minutes.items())]}
 
 
 async def soak(server: RunningServer, photos: list[bytes], rate: float, seconds: float,
