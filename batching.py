@@ -1,7 +1,8 @@
 """A generic, deadline-aware micro-batching engine.
 
     submit(item, deadline) --admit?--> pending deque --run(): _next_batch--> drop expired/cancelled
-        --> handle_batch(items) on the inference thread --> each future: its result or ItemError, or the batch's error
+        --> handle_batch(items) on an inference thread (one per batch slot)
+        --> each future: its result or ItemError, or the batch's error
 
 It knows nothing of HTTP, images or models: it batches opaque items for one blocking callable.
 Every job carries an absolute deadline (event-loop time); work that cannot finish by it is never computed.

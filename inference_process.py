@@ -3,8 +3,7 @@
     BatchProcessor -> model thread -> ModelProcess.handle_batch(items) --pipe--> child: batch_classification
 
 Each child loads and warms up its own copy of the model. With PREPROCESS_IN_BATCH (the default) the parent
-never touches the model, and does not even import torch (about 350 MB less per server); otherwise it
-keeps a copy for preprocess only.
+never touches the model, and does not even import torch; otherwise it keeps a copy for preprocess only.
 Items and results cross the pipe pickled (a batch of 8 images of 224x224x3 bytes is 1.2 MB; with
 PREPROCESS_IN_BATCH the items are the uploads, decoded in the child).
 """
@@ -20,21 +19,20 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from cpu_runtime import keep_freed_memory
 from settings import Settings
-from task import preprocess_and_classify
+from task import batch_function
 
 logger = logging.getLogger(__name__)
 
-_task: Any = None  # in the child: the task module and its model
+_task: Any = None  # in the child: the task module, its model, and what a batch runs (task.batch_function)
 _model: Any = None
-_preprocess_pool: ThreadPoolExecutor | None = None  # PREPROCESS_IN_BATCH: items are uploads, decoded here
-_preprocess_here = False
+_compute: Callable[[list[Any]], Sequence[Any]] | None = None
 _start_error: Exception | None = None  # why the model could not load: raised by every call, the parent reports it
 
 
@@ -47,7 +45,7 @@ def _start_child(settings: Settings) -> None:
 
 
 def _load(settings: Settings) -> None:
-    global _task, _model, _preprocess_here, _preprocess_pool
+    global _task, _model, _compute
     # The parent ends the child (shutdown, or the pipe closing when it dies); a Ctrl-C or SIGTERM sent to
     # the whole process group must not kill the model while the parent still drains its queue.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -60,9 +58,10 @@ def _load(settings: Settings) -> None:
         keep_freed_memory()
     _task = importlib.import_module(settings.task_module)  # GOMP_SPINCOUNT came with the parent's environment
     _model = _task.get_model(settings)
-    _preprocess_here = settings.preprocess_in_batch
-    if _preprocess_here and settings.preprocess_workers > 1:
-        _preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
+    pool = None
+    if settings.preprocess_in_batch and settings.preprocess_workers > 1:
+        pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
+    _compute = batch_function(_task, _model, decode=settings.preprocess_in_batch, pool=pool)
 
 
 def _exit_with(parent_sentinel: int) -> None:
@@ -95,10 +94,8 @@ def _warm_up(max_batch_size: int, thread_counts: tuple[int, ...]) -> None:
 def _batch(items: list[Any], threads: int) -> Sequence[Any]:
     _loaded()
     torch_threads(threads)
-    if _preprocess_here:
-        return preprocess_and_classify(_task, _model, items, _preprocess_pool)
-    results: Sequence[Any] = _task.batch_classification(_model, items)
-    return results
+    assert _compute is not None  # set by _load, or _loaded raised
+    return _compute(items)
 
 
 class ModelProcess:

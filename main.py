@@ -28,7 +28,7 @@ from inference_process import ModelProcess
 from logs import configure_logging
 from metrics import Metrics
 from settings import Settings
-from task import InputTooLargeError, TaskModule, UnsupportedInputError, preprocess_and_classify
+from task import InputTooLargeError, TaskModule, UnsupportedInputError, batch_function
 
 logger = logging.getLogger("service")
 
@@ -82,7 +82,8 @@ class ModelSide:
     process: ModelProcess | None  # INFERENCE_PROCESS: the models compute in child processes
 
 
-async def load_model(settings: Settings, model_thread: ThreadPoolExecutor, pool: ThreadPoolExecutor) -> ModelSide:
+async def load_model(settings: Settings, model_thread: ThreadPoolExecutor, pool: ThreadPoolExecutor | None
+                     ) -> ModelSide:
     """Load the task's model where it will run; a bad MODEL raises here and fails the start."""
     loop = asyncio.get_running_loop()
     process = ModelProcess(settings, settings.model_workers) if settings.inference_process else None
@@ -99,10 +100,8 @@ async def load_model(settings: Settings, model_thread: ThreadPoolExecutor, pool:
     preprocess = None if settings.preprocess_in_batch else partial(task.preprocess, model)
     if process:
         return ModelSide(process.handle_batch, process.warm_up, preprocess, process)
-    if settings.preprocess_in_batch:
-        return ModelSide(partial(preprocess_and_classify, task, model, pool=pool), partial(task.warm_up, model),
-                         None, None)
-    return ModelSide(partial(task.batch_classification, model), partial(task.warm_up, model), preprocess, None)
+    handle_batch = batch_function(task, model, decode=settings.preprocess_in_batch, pool=pool)
+    return ModelSide(handle_batch, partial(task.warm_up, model), preprocess, None)
 
 
 @dataclass
@@ -178,7 +177,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Everything that touches the model (load, warm-up, batches) runs on these threads, one per batch slot.
         model_thread = ThreadPoolExecutor(settings.model_workers, thread_name_prefix="model")
         pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
-        model = await load_model(settings, model_thread, pool)
+        # A batch that decodes its uploads uses the pool only if it has threads to spare: with one, the
+        # model's thread decodes them itself rather than wait for another thread to do it.
+        batch_pool = pool if settings.preprocess_workers > 1 else None
+        model = await load_model(settings, model_thread, batch_pool)
         batcher = BatchProcessor(
             model.handle_batch,
             max_batch_size=settings.max_batch_size,

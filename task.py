@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Executor
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from batching import BatchSizeMismatchError, ItemError
@@ -37,6 +39,14 @@ class TaskModule(Protocol):
     def preprocess(self, model: Any, data: bytes) -> Any: ...  # one upload; raise ValueError on bad input
 
     def batch_classification(self, model: Any, items: list[Any]) -> list[Any]: ...  # same length and order
+
+
+def batch_function(task: TaskModule, model: Any, *, decode: bool, pool: Executor | None = None
+                   ) -> Callable[[list[Any]], list[Any]]:
+    """What one batch runs: the model on preprocessed items, or (decode) preprocess_and_classify on uploads."""
+    if decode:
+        return partial(preprocess_and_classify, task, model, pool=pool)
+    return partial(task.batch_classification, model)
 
 
 def preprocess_and_classify(task: TaskModule, model: Any, uploads: list[bytes], pool: Executor | None = None
