@@ -129,7 +129,7 @@ class ModelProcess:
 
     def warm_up(self, max_batch_size: int) -> None:
         """Load the model in every child and run every batch size (blocks until done)."""
-        counts = (self._lone_threads, self._shared_threads)
+        counts = tuple(dict.fromkeys((self._lone_threads, self._shared_threads)))  # once if they are the same
         for future in [pool.submit(_warm_up, max_batch_size, counts) for pool in self._pools]:
             future.result()
 
