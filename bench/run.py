@@ -224,9 +224,9 @@ def meta(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
             "python": platform.python_version(), "torch": importlib.metadata.version("torch"), "torch_threads": None,
             "size": args.size, "command": shlex.join([python, *sys.argv]), **cfg,
             "max_batch_size": Settings().max_batch_size,
-            "env": {k: v for k, v in os.environ.items() if k.upper() in ("THREADS", "MAX_BATCH_SIZE",
-                    "MAX_BATCH_DELAY_MS", "MAX_QUEUE_SIZE", "PREPROCESS_WORKERS", "TIMEOUT", "ADMIT_FRACTION",
-                    "TORCH_COMPILE", "BF16")}}
+            # The service's settings given in the environment (the servers inherit it), by Settings' own names.
+            "env": {k: v for k, v in os.environ.items()
+                    if k.upper() in {name.upper() for name in Settings.model_fields} | {"OMP_WAIT_POLICY"}}}
 
 
 def main() -> None:
