@@ -1,7 +1,7 @@
 """Decode + resize + crop of one upload, three ways: time per photo, and whether the model's answer changes.
 
   service      Pillow decodes (JPEG at a DCT-reduced scale when big), torch resizes: classification.preprocess
-  pillow       Pillow decodes the same way and also resizes (bilinear, antialiased), then crops
+  pillow       the service's Pillow decoding, then Pillow resizes too (bilinear, antialiased) and crops
   torchvision  torchvision.io.decode_jpeg at full size, torch resizes (no DCT scaling in libjpeg-turbo's API here)
 
 Run as `python bench/preprocess.py`; prints a table per photo size and writes JSON with --out.
@@ -10,7 +10,6 @@ Run as `python bench/preprocess.py`; prints a table per photo size and writes JS
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -33,16 +32,13 @@ import torchvision.io  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import classification  # noqa: E402
+from classification.images import decode_rgb, open_image  # noqa: E402
 from classification.model import Classifier  # noqa: E402
 from photos import PHOTOS, make_photos  # noqa: E402
 
 
 def pillow(model: Classifier, data: bytes) -> np.ndarray:
-    opened = Image.open(io.BytesIO(data))
-    width, height = opened.size
-    scale = min(width, height) / model.resize
-    opened.draft("RGB", (int(width / scale), int(height / scale)))
-    image = opened.convert("RGB")
+    image = decode_rgb(open_image(data, max_pixels=model.max_pixels), draft_size=model.resize)  # as the service
     scale = model.resize / min(image.size)
     size = (max(model.crop, round(image.width * scale)), max(model.crop, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BILINEAR)

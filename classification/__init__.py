@@ -41,8 +41,8 @@ def warm_up(model: Classifier, max_batch_size: int) -> None:
 def preprocess(model: Classifier, data: bytes) -> np.ndarray:
     """Decode one upload to a crop x crop x 3 uint8 array: resize the shorter side, centre-crop.
 
-    Pillow decodes (big JPEGs at a DCT-reduced scale); torch resizes the channels-last view: 640x480
-    decode + resize 2.3 ms against 3.9 ms with Pillow resizing too (bench/preprocess.py).
+    Pillow decodes (big JPEGs at a DCT-reduced scale); torch resizes the channels-last view, faster than
+    Pillow's resize (bench/preprocess.py times both; the README has the figures).
     """
     rgb = decode_rgb(open_image(data, max_pixels=model.max_pixels), draft_size=model.resize)
     return resize_and_crop(model, torch.from_numpy(np.array(rgb)).permute(2, 0, 1))  # CHW view of HWC memory
