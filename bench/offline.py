@@ -1,7 +1,9 @@
-"""The limit without HTTP: JPEG bytes -> preprocess (thread pool) -> batched model, in one process.
+"""The limit without HTTP: JPEG bytes -> preprocess -> batched model, in a tight loop.
 
-The pool preprocesses batch n+1 while the main thread runs the model on batch n, as the service does.
-Run as `python bench/offline.py`; run.py imports `measure`.
+One process (the default): a thread pool preprocesses batch n+1 while the model runs on batch n on all
+the cores (torch's threads). `--processes N`: the service's default layout without HTTP: N processes,
+each with the cores divided among them, each decoding a batch and then computing it, all at once; their
+images/s are summed. Run as `python bench/offline.py`; run.py runs it.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import statistics
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +101,63 @@ def print_table(result: dict[str, Any]) -> None:
     for row in result["throughput"]:
         mark = "  <- best" if row is result["best"] else ""
         print(f"{row['batch_size']:>5}  {row['images_per_s']:>9.1f}{mark}")
-    single = result["single_image"]
+    single = result.get("single_image")
+    if single is None:
+        print(f"{result['processes']} processes of {result['torch_threads']} torch thread(s) each")
+        return
     print(f"single image: {single['median_ms']:.1f} ms median of {single['runs']} "
           f"(preprocess {single['preprocess_median_ms']:.1f} ms + model {single['inference_median_ms']:.1f} ms)")
+
+
+def _decode_then_compute(model: Any, jpegs: list[bytes], batch_size: int, seconds: float, barrier: Barrier,
+                         warmup_batches: int = 2) -> tuple[int, float]:
+    """One process's share: decode a batch, then compute it, as a model process of the service does."""
+    photos = itertools.cycle(jpegs)
+
+    def one_batch() -> None:
+        classification.batch_classification(model, [classification.preprocess(model, next(photos))
+                                                    for _ in range(batch_size)])
+
+    for _ in range(warmup_batches):
+        one_batch()
+    barrier.wait()  # every process starts timing together, so that their rates add up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        one_batch()
+        done += batch_size
+    return done, time.perf_counter() - start
+
+
+def _process_worker(processes: int, size: str, batch_sizes: list[int], seconds: float, barrier: Barrier,
+                    results: Any) -> None:
+    keep_freed_memory()
+    model = classification.get_model(Settings(model_workers=processes))  # cores divided, as in the service
+    classification.warm_up(model, max(batch_sizes))
+    jpegs = make_photos()[size]
+    results.put([(b, *_decode_then_compute(model, jpegs, b, seconds, barrier)) for b in batch_sizes])
+    results.put(torch.get_num_threads())
+
+
+def measure_processes(processes: int, size: str, batch_sizes: list[int], seconds: float) -> dict[str, Any]:
+    """Images/s per batch size of `processes` processes decoding and computing at once, summed."""
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=_process_worker, args=(processes, size, batch_sizes, seconds, barrier, queue))
+               for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    shares, threads = [], []
+    for _ in workers:
+        shares.append(queue.get())
+        threads.append(queue.get())
+    for worker in workers:
+        worker.join()
+        if worker.exitcode:
+            raise RuntimeError(f"offline process exited with {worker.exitcode}")
+    rows = [{"batch_size": b, "images_per_s": sum(share[i][1] / share[i][2] for share in shares)}
+            for i, b in enumerate(batch_sizes)]
+    return {"throughput": rows, "best": max(rows, key=lambda row: row["images_per_s"]), "processes": processes,
+            "torch_threads": threads[0], "seconds_per_batch_size": seconds}
 
 
 def main() -> None:
@@ -109,20 +167,24 @@ def main() -> None:
     parser.add_argument("--preprocess-workers", type=int, default=1, help="preprocessing threads (default: 1)")
     parser.add_argument("--latency-runs", type=int, default=50, help="single-image runs (default: %(default)s)")
     parser.add_argument("--size", choices=sorted(SIZES), default="640x480", help="photo size (default: %(default)s)")
+    parser.add_argument("--processes", type=int, default=1, help="processes computing at once, the cores divided "
+                        "among them (default: %(default)s; above 1, no single-image latency)")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args()
 
-    keep_freed_memory()  # the same allocator set-up as the service
-    model = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    result = measure(model, make_photos()[args.size], batch_sizes, args.seconds, args.preprocess_workers,
-                     args.latency_runs)
+    if args.processes > 1:
+        result = measure_processes(args.processes, args.size, batch_sizes, args.seconds)
+    else:
+        keep_freed_memory()  # the same allocator set-up as the service
+        model = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
+        result = measure(model, make_photos()[args.size], batch_sizes, args.seconds, args.preprocess_workers,
+                         args.latency_runs)
     result["size"] = args.size
     print_table(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

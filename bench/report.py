@@ -38,7 +38,10 @@ def plot_throughput(results: dict[str, Any], path: Path) -> None:
         ax.plot([int(c) for c in xs], [levels[c]["median"]["ok_per_s"] for c in xs], marker="o", label=name)
     if results.get("offline"):
         ax.axhline(results["offline"]["median"]["best_images_per_s"], linestyle="--", color="gray",
-                   label="offline limit (no HTTP)")
+                   label="offline limit (no HTTP), one process")
+        if processes := results["offline"].get("processes"):
+            ax.axhline(processes["median"]["best_images_per_s"], linestyle=":", color="black",
+                       label=f"offline limit (no HTTP), {processes['processes']} processes")
     ax.set_xscale("log", base=2)
     clients = sorted({int(c) for levels in results["servers"].values() for c in levels})
     ax.set_xticks(clients, [str(c) for c in clients])
@@ -83,6 +86,13 @@ def plot_latency(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _ratio_label(key: str, max_batch_size: int | None) -> str:
+    """'ours_over_offline_processes_at_max_batch_size' -> 'ours / offline in processes at batch 8'."""
+    at_batch = key.endswith("_at_max_batch_size")
+    label = key.removesuffix("_at_max_batch_size").replace("_over_", " / ").replace("_processes", " in processes")
+    return label + (f" at batch {max_batch_size}" if at_batch else "")
+
+
 def markdown(results: dict[str, Any], plots: list[Path], readme_dir: Path) -> str:
     """The Performance section: setup, one table, the open-loop and soak lines, the plots, the command."""
     meta, low, sat = results["meta"], results["latency_levels"][0], results["latency_levels"][-1]
@@ -99,17 +109,21 @@ def markdown(results: dict[str, Any], plots: list[Path], readme_dir: Path) -> st
     ]
     if offline:
         om = offline["median"]
-        lines.append(f"| offline limit, no HTTP | {om['single_image_ms']:.1f} (one image, sequential) | "
+        lines.append(f"| offline limit, no HTTP, one process | {om['single_image_ms']:.1f} (one image, sequential) | "
                      f"{om['best_images_per_s']:.1f} (batch {om['best_batch_size']}) | – | – |")
+        if processes := offline.get("processes"):
+            pm = processes["median"]
+            lines.append(f"| offline limit, no HTTP, {processes['processes']} processes of "
+                         f"{processes['torch_threads']} thread(s) (the service's layout) | – | "
+                         f"{pm['best_images_per_s']:.1f} (batch {pm['best_batch_size']}) | – | – |")
     for name, levels in results["servers"].items():
         c1, cs = levels[str(low)]["median"], levels[str(sat)]["median"]
         lines.append(f"| {name} | {_fmt(c1['ok_p50_ms'], 1)} / {_fmt(c1['ok_p99_ms'], 1)} | "
                      f"{_fmt(cs['ok_per_s'], 1)} | {_fmt(cs['ok_p50_ms'])} / {_fmt(cs['ok_p99_ms'])} | "
                      f"{_fmt(cs['mean_batch_size'], 1)} |")
     ratios = results["ratios"]
-    batch = f" at batch {results['meta'].get('max_batch_size')}"
     lines += ["", "Ratios of 200s/s at saturation: " + ", ".join(
-        f"{key.replace('_over_', ' / ').replace('_at_max_batch_size', batch)} = {_fmt(value, 2)}"
+        f"{_ratio_label(key, results['meta'].get('max_batch_size'))} = {_fmt(value, 2)}"
         for key, value in ratios.items() if key != "c1_p50_overhead_ms") +
         f"; ours at C={low}, p50 minus offline single-image latency: {_fmt(ratios.get('c1_p50_overhead_ms'), 1)} ms."]
     if overload := results.get("overload"):

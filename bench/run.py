@@ -34,7 +34,9 @@ import report
 from photos import SIZES, make_photos
 from servers import ROOT, RunningServer, ServerSpec, batch_totals, memory_kib, sample_memory, serve, server_specs
 
-sys.path.insert(0, str(ROOT))  # settings.py, for the run's meta
+sys.path.insert(0, str(ROOT))  # settings.py, for the run's meta and the service's model layout
+
+from settings import Settings  # noqa: E402
 
 FULL = {"repeats": 3, "seconds": 10.0, "offline_seconds": 10.0, "overload_seconds": 30.0, "soak_seconds": 300.0,
         "warmup_seconds": 3.0, "ceiling_seconds": 5.0, "latency_runs": 50}
@@ -78,25 +80,39 @@ def run_phase(server: RunningServer, work: Coroutine[Any, Any, dict[str, Any]]) 
     return result
 
 
-def run_offline(size: str, cfg: dict[str, Any], preprocess_workers: int) -> dict[str, Any]:
-    """Run bench/offline.py once per repeat, each in its own process: the generator stays free of torch."""
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
-        for i in range(cfg["repeats"]):
-            out = Path(tmp) / f"run{i}.json"
-            print(f"offline run {i + 1}/{cfg['repeats']}:", flush=True)
-            subprocess.run([sys.executable, str(Path(__file__).with_name("offline.py")), "--size", size,
-                            "--batch-sizes", "1,2,4,8,16", "--seconds", str(cfg["offline_seconds"]),
-                            "--preprocess-workers", str(preprocess_workers), "--latency-runs", str(cfg["latency_runs"]),
-                            "--out", str(out)], check=True)
-            runs.append(json.loads(out.read_text()))
+def _median_throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median images/s per batch size over repeats, and the best batch size by that median."""
     rows = [{"batch_size": row["batch_size"],
              "images_per_s": statistics.median(run["throughput"][i]["images_per_s"] for run in runs)}
             for i, row in enumerate(runs[0]["throughput"])]
     best = max(rows, key=lambda row: row["images_per_s"])
-    return {"runs": runs, "median": {
-        "throughput": rows, "best_batch_size": best["batch_size"], "best_images_per_s": best["images_per_s"],
-        "single_image_ms": statistics.median(run["single_image"]["median_ms"] for run in runs)}}
+    return {"throughput": rows, "best_batch_size": best["batch_size"], "best_images_per_s": best["images_per_s"]}
+
+
+def run_offline(size: str, cfg: dict[str, Any], preprocess_workers: int, processes: int) -> dict[str, Any]:
+    """Run bench/offline.py per repeat, each in its own process, so that the generator stays free of torch:
+    one process on every core (the limit as the issue defines it) and, where the service runs its model in
+    `processes` processes, that layout too (the limit of the service's own configuration)."""
+    runs: dict[str, list[dict[str, Any]]] = {"one": [], "processes": []} if processes > 1 else {"one": []}
+    with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
+        for i in range(cfg["repeats"]):
+            for layout in runs:
+                out = Path(tmp) / f"{layout}{i}.json"
+                what = "one process" if layout == "one" else f"{processes} processes"
+                print(f"offline run {i + 1}/{cfg['repeats']} ({what}):", flush=True)
+                extra = (["--processes", str(processes)] if layout == "processes" else
+                         ["--preprocess-workers", str(preprocess_workers), "--latency-runs", str(cfg["latency_runs"])])
+                subprocess.run([sys.executable, str(Path(__file__).with_name("offline.py")), "--size", size,
+                                "--batch-sizes", "1,2,4,8,16", "--seconds", str(cfg["offline_seconds"]), *extra,
+                                "--out", str(out)], check=True)
+                runs[layout].append(json.loads(out.read_text()))
+    one = runs["one"]
+    result = {"runs": one, "median": {**_median_throughput(one), "single_image_ms": statistics.median(
+        run["single_image"]["median_ms"] for run in one)}}
+    if "processes" in runs:
+        result["processes"] = {"runs": runs["processes"], "median": _median_throughput(runs["processes"]),
+                               "processes": processes, "torch_threads": runs["processes"][0]["torch_threads"]}
+    return result
 
 
 def run_curves(servers: list[RunningServer], photos: list[bytes], levels: list[int],
@@ -200,22 +216,25 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         return a / b if a is not None and b else None
 
     ours = at("ours", sat, "ok_per_s")
-    offline_median = results.get("offline", {}).get("median", {})
-    c1, single = at("ours", low, "ok_p50_ms"), offline_median.get("single_image_ms")
-    # The offline limit at the service's own largest batch, beside the best over every batch size.
-    same_batch = next((row["images_per_s"] for row in offline_median.get("throughput", [])
-                       if row["batch_size"] == results["meta"]["max_batch_size"]), None)
-    return {"ours_over_offline": div(ours, offline_median.get("best_images_per_s")),
-            "ours_over_offline_at_max_batch_size": div(ours, same_batch),
-            "ours_over_naive": div(ours, at("naive", sat, "ok_per_s")),
-            "ours_over_litserve": div(ours, at("litserve", sat, "ok_per_s")),
-            "c1_p50_overhead_ms": c1 - single if c1 is not None and single is not None else None}
+    offline = results.get("offline", {})
+    c1, single = at("ours", low, "ok_p50_ms"), offline.get("median", {}).get("single_image_ms")
+
+    def at_max_batch(median: dict[str, Any]) -> float | None:  # the limit at the service's own largest batch
+        return next((row["images_per_s"] for row in median.get("throughput", [])
+                     if row["batch_size"] == results["meta"]["max_batch_size"]), None)
+
+    found = {"ours_over_offline": div(ours, offline.get("median", {}).get("best_images_per_s")),
+             "ours_over_offline_at_max_batch_size": div(ours, at_max_batch(offline.get("median", {})))}
+    if processes := offline.get("processes"):
+        found |= {"ours_over_offline_processes": div(ours, processes["median"]["best_images_per_s"]),
+                  "ours_over_offline_processes_at_max_batch_size": div(ours, at_max_batch(processes["median"]))}
+    return found | {"ours_over_naive": div(ours, at("naive", sat, "ok_per_s")),
+                    "ours_over_litserve": div(ours, at("litserve", sat, "ok_per_s")),
+                    "c1_p50_overhead_ms": c1 - single if c1 is not None and single is not None else None}
 
 
 def meta(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     """What ran where; torch's thread count is filled in from the offline runs, so torch never loads here."""
-    from settings import Settings
-
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
     python = os.path.relpath(sys.executable)
@@ -267,7 +286,9 @@ def main() -> None:
     photos = make_photos()[args.size]
     results: dict[str, Any] = {"meta": meta(args, cfg), "latency_levels": [levels[0], levels[-1]], "servers": {}}
     if not args.skip_offline:
-        results["offline"] = run_offline(args.size, cfg, args.preprocess_workers)
+        service = Settings()
+        results["offline"] = run_offline(args.size, cfg, args.preprocess_workers,
+                                         service.model_workers if service.inference_process else 1)
         results["meta"]["torch_threads"] = results["offline"]["runs"][0]["torch_threads"]
     with ExitStack() as stack:  # every server runs side by side, idle but for its turn
         servers = [stack.enter_context(serve(server_specs()[name], log_dir)) for name in names]
