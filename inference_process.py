@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -102,9 +102,9 @@ class ModelProcess:
     """The model in `count` child processes; handle_batch blocks (releasing the GIL) until a child answers.
 
     At most `count` handle_batch calls may run at once (the engine's max_concurrent_batches): each takes
-    a free child for its batch. Each child computes with its share of the cores (Settings.torch_threads);
-    a batch that finds every other child idle gets all of them, so one request alone is not slowed down
-    by the split (unless THREADS fixes the count).
+    a free child for its batch, waiting for one while a restarted child warms up. Each child computes
+    with its share of the cores (Settings.torch_threads); a batch that finds every other child idle gets
+    all of them, so one request alone is not slowed down by the split (unless THREADS fixes the count).
     """
 
     def __init__(self, settings: Settings, count: int = 1) -> None:
@@ -113,6 +113,7 @@ class ModelProcess:
         self._lone_threads = share * count if settings.threads == 0 and count > 1 else share
         self._shared_threads = share
         self._pools = [self._start() for _ in range(count)]
+        self._warm_batch_size = 0  # set by warm_up; a child started after a crash warms up to it too
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for index in range(count):
             self._free.put(index)
@@ -129,23 +130,48 @@ class ModelProcess:
 
     def warm_up(self, max_batch_size: int) -> None:
         """Load the model in every child and run every batch size (blocks until done)."""
-        counts = tuple(dict.fromkeys((self._lone_threads, self._shared_threads)))  # once if they are the same
-        for future in [pool.submit(_warm_up, max_batch_size, counts) for pool in self._pools]:
+        self._warm_batch_size = max_batch_size
+        for future in [self._submit_warm_up(pool) for pool in self._pools]:
             future.result()
 
+    def _submit_warm_up(self, pool: ProcessPoolExecutor) -> Future[None]:
+        counts = tuple(dict.fromkeys((self._lone_threads, self._shared_threads)))  # once if they are the same
+        return pool.submit(_warm_up, self._warm_batch_size, counts)
+
     def handle_batch(self, items: list[Any]) -> Sequence[Any]:
-        """Compute one batch in a free child; if the child died, fail this batch and start a new child."""
-        index = self._free.get_nowait()  # raises queue.Empty if called more than `count` times at once
+        """Compute one batch in a free child; if the child died, fail this batch and start a new child.
+
+        Blocks while every child is taken: a child started after a crash takes no batch before it has
+        loaded the model and warmed up (otherwise its first batches pay for both, past their deadlines).
+        """
+        index = self._free.get()
         alone = self._free.qsize() == len(self._pools) - 1
+        restarted = False
         try:
             return self._pools[index].submit(_batch, items,
                                              self._lone_threads if alone else self._shared_threads).result()
         except BrokenProcessPool:
-            logger.error("a model process died; starting a new one (it loads the model again)")
-            self._pools[index] = self._start()
+            logger.error("a model process died; starting a new one, which loads the model and warms up "
+                         "before it takes a batch")
+            self._restart(index)  # puts the index back once the new child is warm
+            restarted = True
             raise
         finally:
+            if not restarted:
+                self._free.put(index)
+
+    def _restart(self, index: int) -> None:
+        pool = self._pools[index] = self._start()
+        if not self._warm_batch_size:  # never warmed up: neither is the new child
             self._free.put(index)
+            return
+
+        def ready(warming: Future[None]) -> None:
+            if error := warming.exception():
+                logger.error("the new model process failed to warm up: %r", error)
+            self._free.put(index)  # even so: its next batch fails and starts another
+
+        self._submit_warm_up(pool).add_done_callback(ready)
 
     def close(self) -> None:
         """Let the children finish their batches, then end them."""

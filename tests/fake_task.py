@@ -29,6 +29,7 @@ class FakeModel:
     fail_with: Exception | None = None
     drop_one_result: bool = False
     batch_s: float = 0.0  # how long each batch "computes"; FAKE_BATCH_S sets it for server processes
+    warmed_up_to: int = 0  # the max_batch_size of the last warm-up
     inside: int = 0  # batches computing now (MODEL_WORKERS > 1 runs several at once)
     most_inside: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -53,6 +54,12 @@ def get_model(settings: Any) -> FakeModel:
 def warm_up(model: FakeModel, max_batch_size: int) -> None:
     if not WARM_GATE.wait(timeout=30):
         raise RuntimeError("warm gate never opened")
+    model.warmed_up_to = max_batch_size
+
+
+def warmed_up_to() -> int:
+    """In a model process: how far its model was warmed up (ModelProcess tests submit this to a child)."""
+    return latest().warmed_up_to
 
 
 def preprocess(model: FakeModel, data: bytes) -> bytes:

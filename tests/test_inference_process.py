@@ -8,14 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from unittest.mock import patch
 
+import pytest
 import skimage.data
 from PIL import Image
 
 from inference_process import ModelProcess, torch_threads
 from settings import Settings
+from tests import fake_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +66,18 @@ def test_children_compute_and_exit_when_their_parent_is_killed() -> None:
         finally:
             parent.kill()
 
+
+def test_a_model_process_that_dies_is_replaced_by_one_warmed_up_before_its_next_batch() -> None:
+    process = ModelProcess(Settings(task_module="tests.fake_task"), 1)
+    try:
+        process.warm_up(4)
+        with pytest.raises(BrokenProcessPool):
+            process.handle_batch([b"exit-process"])  # the child dies mid-batch
+        [answer] = process.handle_batch([b"after"])  # waits for the new child, then computes there
+        assert answer[0]["label"] == "after"
+        assert process._pools[0].submit(fake_task.warmed_up_to).result() == 4
+    finally:
+        process.close()
 
 
 def test_a_batch_alone_gets_every_core_and_a_share_otherwise() -> None:
