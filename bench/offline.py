@@ -134,8 +134,9 @@ def _process_worker(processes: int, size: str, batch_sizes: list[int], seconds: 
     model = classification.get_model(Settings(model_workers=processes))  # cores divided, as in the service
     classification.warm_up(model, max(batch_sizes))
     jpegs = make_photos()[size]
-    results.put([(b, *_decode_then_compute(model, jpegs, b, seconds, barrier)) for b in batch_sizes])
-    results.put(torch.get_num_threads())
+    # One message per process: two puts each could interleave with another process's in the queue.
+    results.put(([_decode_then_compute(model, jpegs, b, seconds, barrier) for b in batch_sizes],
+                 torch.get_num_threads()))
 
 
 def measure_processes(processes: int, size: str, batch_sizes: list[int], seconds: float) -> dict[str, Any]:
@@ -146,15 +147,12 @@ def measure_processes(processes: int, size: str, batch_sizes: list[int], seconds
                for _ in range(processes)]
     for worker in workers:
         worker.start()
-    shares, threads = [], []
-    for _ in workers:
-        shares.append(queue.get())
-        threads.append(queue.get())
+    shares, threads = zip(*(queue.get() for _ in workers), strict=True)
     for worker in workers:
         worker.join()
         if worker.exitcode:
             raise RuntimeError(f"offline process exited with {worker.exitcode}")
-    rows = [{"batch_size": b, "images_per_s": sum(share[i][1] / share[i][2] for share in shares)}
+    rows = [{"batch_size": b, "images_per_s": sum(done / elapsed for done, elapsed in (share[i] for share in shares))}
             for i, b in enumerate(batch_sizes)]
     return {"throughput": rows, "best": max(rows, key=lambda row: row["images_per_s"]), "processes": processes,
             "torch_threads": threads[0], "seconds_per_batch_size": seconds}
