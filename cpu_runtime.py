@@ -1,4 +1,4 @@
-"""CPU runtime tuning for inference (glibc's allocator, OpenMP's idle threads), applied once per process at start-up."""
+"""CPU runtime tuning for inference (glibc's allocator, OpenMP's idle threads, torch's threads)."""
 
 from __future__ import annotations
 
@@ -66,3 +66,17 @@ def _cgroup_quota(root: str) -> float | None:
     if quota in ("max", "-1") or int(period) <= 0:
         return None
     return int(quota) / int(period)
+
+
+def torch_threads(count: int = 0) -> int:
+    """Torch's intra-op threads on this thread, after setting them to `count` if given; 0 without torch.
+
+    The service sets them where the model runs (the model thread, or a model process), before the task's
+    get_model; a task that does not use torch is left alone.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 0
+    if count and torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return int(torch.get_num_threads())

@@ -17,14 +17,13 @@ import multiprocessing.connection
 import os
 import queue
 import signal
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from cpu_runtime import keep_freed_memory
+from cpu_runtime import keep_freed_memory, torch_threads
 from settings import Settings
 from task import batch_function
 
@@ -57,6 +56,7 @@ def _load(settings: Settings) -> None:
     if settings.malloc_tuning:
         keep_freed_memory()
     _task = importlib.import_module(settings.task_module)  # GOMP_SPINCOUNT came with the parent's environment
+    torch_threads(settings.torch_threads())  # this child's share of the CPUs, before the model loads
     _model = _task.get_model(settings)
     pool = None
     if settings.preprocess_in_batch and settings.preprocess_workers > 1:
@@ -72,16 +72,6 @@ def _exit_with(parent_sentinel: int) -> None:
 def _loaded() -> None:
     if _start_error is not None:
         raise _start_error
-
-
-def torch_threads(count: int = 0) -> int:
-    """Torch's intra-op threads in this process, after setting them to `count` if given; 0 without torch."""
-    torch = sys.modules.get("torch")  # the task's business: only adjusted if the task uses torch
-    if torch is None:
-        return 0
-    if count and torch.get_num_threads() != count:
-        torch.set_num_threads(count)
-    return int(torch.get_num_threads())
 
 
 def _warm_up(max_batch_size: int, thread_counts: tuple[int, ...]) -> None:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from starlette.types import Scope
 
 from batching import BatchProcessor, ItemError, RejectedError
-from cpu_runtime import keep_freed_memory, limit_openmp_spinning
+from cpu_runtime import keep_freed_memory, limit_openmp_spinning, torch_threads
 from guard import RequestGuard, arrival_time
 from inference_process import ModelProcess
 from logs import configure_logging
@@ -82,6 +82,11 @@ class ModelSide:
     process: ModelProcess | None  # INFERENCE_PROCESS: the models compute in child processes
 
 
+def _get_model(task: TaskModule, settings: Settings) -> Any:
+    torch_threads(settings.torch_threads())  # on the thread that runs the batches: a model worker's share
+    return task.get_model(settings)
+
+
 async def load_model(settings: Settings, model_thread: ThreadPoolExecutor, pool: ThreadPoolExecutor | None
                      ) -> ModelSide:
     """Load the task's model where it will run; a bad MODEL raises here and fails the start."""
@@ -92,7 +97,7 @@ async def load_model(settings: Settings, model_thread: ThreadPoolExecutor, pool:
             await loop.run_in_executor(model_thread, process.load)
             return ModelSide(process.handle_batch, process.warm_up, None, process)
         task: TaskModule = importlib.import_module(settings.task_module)
-        model = await loop.run_in_executor(model_thread, task.get_model, settings)
+        model = await loop.run_in_executor(model_thread, _get_model, task, settings)
     except BaseException:
         if process:
             process.close()

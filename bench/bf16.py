@@ -84,8 +84,8 @@ def main() -> None:
     args = parser.parse_args()
 
     keep_freed_memory()
-    fp32 = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
-    bf16 = classification.get_model(Settings(model_workers=1, bf16=True))
+    fp32 = classification.get_model(Settings())
+    bf16 = classification.get_model(Settings(bf16=True))
     for model in (fp32, bf16):
         classification.warm_up(model, 8)
     items = sample(fp32)

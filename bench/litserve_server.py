@@ -25,7 +25,7 @@ from settings import Settings  # noqa: E402
 
 class ClassifierAPI(ls.LitAPI):  # type: ignore[misc]
     def setup(self, device: str) -> None:
-        self.model = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
+        self.model = classification.get_model(Settings())
         classification.warm_up(self.model, self.max_batch_size)
 
     # `request` stays unannotated: LitServe reads this annotation as the route's body type, and under

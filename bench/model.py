@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     keep_freed_memory()  # the same allocator set-up as the service
-    model = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
+    model = classification.get_model(Settings())
     rng = np.random.default_rng(0)
     item = rng.integers(0, 256, (model.crop, model.crop, 3), dtype=np.uint8)
     result: dict[str, float] = {}

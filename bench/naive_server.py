@@ -22,7 +22,7 @@ from fastapi.responses import PlainTextResponse  # noqa: E402
 import classification  # noqa: E402
 from settings import Settings  # noqa: E402
 
-model = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
+model = classification.get_model(Settings())
 classification.warm_up(model, 1)
 app = FastAPI(title="Naive classifier")
 

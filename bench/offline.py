@@ -23,7 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the service's modules live in the repo root
 
-from cpu_runtime import keep_freed_memory, limit_openmp_spinning  # noqa: E402
+from cpu_runtime import keep_freed_memory, limit_openmp_spinning, torch_threads  # noqa: E402
 from settings import Settings  # noqa: E402
 
 limit_openmp_spinning(Settings().gomp_spincount)  # as the service does, before torch loads
@@ -131,7 +131,8 @@ def _decode_then_compute(model: Any, jpegs: list[bytes], batch_size: int, second
 def _process_worker(processes: int, size: str, batch_sizes: list[int], seconds: float, barrier: Barrier,
                     results: Any) -> None:
     keep_freed_memory()
-    model = classification.get_model(Settings(model_workers=processes))  # cores divided, as in the service
+    torch_threads(Settings(model_workers=processes).torch_threads())  # the CPUs divided, as in the service
+    model = classification.get_model(Settings())
     classification.warm_up(model, max(batch_sizes))
     jpegs = make_photos()[size]
     # One message per process: two puts each could interleave with another process's in the queue.
@@ -175,7 +176,7 @@ def main() -> None:
         result = measure_processes(args.processes, args.size, batch_sizes, args.seconds)
     else:
         keep_freed_memory()  # the same allocator set-up as the service
-        model = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
+        model = classification.get_model(Settings())
         result = measure(model, make_photos()[args.size], batch_sizes, args.seconds, args.preprocess_workers,
                          args.latency_runs)
     result["size"] = args.size

@@ -74,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     keep_freed_memory()
-    model = classification.get_model(Settings(model_workers=1))  # one model on every core (torch threads)
+    model = classification.get_model(Settings())
     result: dict[str, Any] = {"runs": args.runs, "torch_threads": torch.get_num_threads(), "sizes": {}}
     for size, jpegs in make_photos().items():
         rows: dict[str, Any] = {}

@@ -21,8 +21,8 @@ Prediction = dict[str, Any]
 
 
 def get_model(settings: Settings) -> Classifier:
-    """Load the configured classifier from local files."""
-    torch.set_num_threads(settings.torch_threads())
+    """Load the configured classifier from local files (torch's threads are the caller's: the service sets
+    each model worker's share, cpu_runtime.torch_threads)."""
     return load_classifier(settings.model, settings.model_weights, device=settings.device,
                            top_k=settings.top_k, max_pixels=settings.max_image_pixels, bf16=settings.bf16,
                            compile_for_batch_sizes=settings.max_batch_size if settings.torch_compile else 0)

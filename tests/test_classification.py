@@ -30,7 +30,7 @@ CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 
 @pytest.fixture(scope="module")
 def model() -> Classifier:
-    return classification.get_model(Settings(model_workers=1))
+    return classification.get_model(Settings())
 
 
 def photo(name: str) -> Image.Image:
@@ -208,7 +208,7 @@ def test_decompression_bomb_is_refused_from_its_header(model: Classifier, side: 
 def test_another_torchvision_model_from_local_weights(tmp_path: Path) -> None:
     path = tmp_path / "mobilenet.pth"
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), path)
-    other = classification.get_model(Settings(model_workers=1, model="mobilenet_v3_small", model_weights=str(path),
+    other = classification.get_model(Settings(model="mobilenet_v3_small", model_weights=str(path),
                                               top_k=3))
     result = classification.batch_classification(other, [classification.preprocess(other, encode(photo("coffee"),
                                                                                                    "PNG"))])
@@ -218,18 +218,18 @@ def test_another_torchvision_model_from_local_weights(tmp_path: Path) -> None:
 
 def test_model_needs_local_weights_and_loads_strictly(tmp_path: Path) -> None:
     with pytest.raises(ModelConfigError, match="needs MODEL_WEIGHTS"):
-        classification.get_model(Settings(model_workers=1, model="resnet18"))
+        classification.get_model(Settings(model="resnet18"))
     wrong = tmp_path / "wrong.pth"
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), wrong)
     with pytest.raises(RuntimeError, match="state_dict"):
-        classification.get_model(Settings(model_workers=1, model="resnet18", model_weights=str(wrong)))
+        classification.get_model(Settings(model="resnet18", model_weights=str(wrong)))
 
 
 def test_torch_compile_serves_the_same_answers(model: Classifier) -> None:
     from torch._dynamo.utils import counters
 
     counters.clear()
-    compiled = classification.get_model(Settings(model_workers=1, torch_compile=True, max_batch_size=2))
+    compiled = classification.get_model(Settings(torch_compile=True, max_batch_size=2))
     classification.warm_up(compiled, 2)
     assert counters["stats"]["unique_graphs"] == 2  # one graph per batch size, both compiled before serving
     items = [classification.preprocess(model, encode(photo(n), "PNG")) for n in ("chelsea", "coffee")]

@@ -16,7 +16,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from inference_process import ModelProcess, torch_threads
+from cpu_runtime import torch_threads
+from inference_process import ModelProcess
 from settings import Settings
 from tests import fake_task
 
