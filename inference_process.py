@@ -89,23 +89,21 @@ def _batch(items: list[Any], threads: int) -> Sequence[Any]:
 
 
 class ModelProcess:
-    """The model in `count` child processes; handle_batch blocks (releasing the GIL) until a child answers.
+    """The model in MODEL_WORKERS child processes; handle_batch blocks (releasing the GIL) until one answers.
 
-    At most `count` handle_batch calls may run at once (the engine's max_concurrent_batches): each takes
+    At most MODEL_WORKERS handle_batch calls may run at once (the engine's max_concurrent_batches): each takes
     a free child for its batch, waiting for one while a restarted child warms up. Each child computes
     with its share of the cores (Settings.torch_threads); a batch that finds every other child idle gets
     all of them, so one request alone is not slowed down by the split (unless THREADS fixes the count).
     """
 
-    def __init__(self, settings: Settings, count: int = 1) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        share = settings.torch_threads()
-        self._lone_threads = share * count if settings.threads == 0 and count > 1 else share
-        self._shared_threads = share
-        self._pools = [self._start() for _ in range(count)]
+        self._lone_threads, self._shared_threads = settings.torch_threads(busy_workers=1), settings.torch_threads()
+        self._pools = [self._start() for _ in range(settings.model_workers)]
         self._warm_batch_size = 0  # set by warm_up; a child started after a crash warms up to it too
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for index in range(count):
+        for index in range(len(self._pools)):
             self._free.put(index)
 
     def _start(self) -> ProcessPoolExecutor:

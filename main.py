@@ -91,7 +91,7 @@ async def load_model(settings: Settings, model_thread: ThreadPoolExecutor, pool:
                      ) -> ModelSide:
     """Load the task's model where it will run; a bad MODEL raises here and fails the start."""
     loop = asyncio.get_running_loop()
-    process = ModelProcess(settings, settings.model_workers) if settings.inference_process else None
+    process = ModelProcess(settings) if settings.inference_process else None
     try:
         if process and settings.preprocess_in_batch:  # the children decode and compute: no torch in this process
             await loop.run_in_executor(model_thread, process.load)

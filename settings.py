@@ -55,9 +55,10 @@ class Settings(BaseSettings):
     log_json: bool = False
     log_requests: bool = False
 
-    def torch_threads(self) -> int:
-        """Intra-op threads per model worker: THREADS, or the available CPUs divided among MODEL_WORKERS."""
-        return self.threads or max(1, available_cpus() // self.model_workers)
+    def torch_threads(self, busy_workers: int | None = None) -> int:
+        """Intra-op threads per model worker: THREADS, or the available CPUs divided among the workers
+        computing at once (MODEL_WORKERS unless given; 1: a batch alone gets every CPU)."""
+        return self.threads or max(1, available_cpus() // (busy_workers or self.model_workers))
 
     @model_validator(mode="after")
     def _delay_below_timeout(self) -> Settings:

@@ -30,7 +30,7 @@ import sys, time
 sys.path.insert(0, sys.argv[1])
 from inference_process import ModelProcess
 from settings import Settings
-process = ModelProcess(Settings(task_module="tests.fake_task"), 2)
+process = ModelProcess(Settings(task_module="tests.fake_task"))
 process.warm_up(4)
 answers = [process.handle_batch([b"one", b"two"]), process.handle_batch([b"%PDF", b"three"])]
 pids = [pid for pool in process._pools for pid in pool._processes]
@@ -69,7 +69,7 @@ def test_children_compute_and_exit_when_their_parent_is_killed() -> None:
 
 
 def test_a_model_process_that_dies_is_replaced_by_one_warmed_up_before_its_next_batch() -> None:
-    process = ModelProcess(Settings(task_module="tests.fake_task"), 1)
+    process = ModelProcess(Settings(task_module="tests.fake_task", model_workers=1))
     try:
         process.warm_up(4)
         with pytest.raises(BrokenProcessPool):
@@ -85,7 +85,7 @@ def test_a_batch_alone_gets_every_core_and_a_share_otherwise() -> None:
     buffer = io.BytesIO()
     Image.fromarray(skimage.data.chelsea()).save(buffer, format="JPEG")  # type: ignore[no-untyped-call]
     with patch("settings.available_cpus", lambda: 2):  # a two-CPU machine: one CPU per child
-        process = ModelProcess(Settings(max_batch_size=2), 2)  # the real model, with torch, in each child
+        process = ModelProcess(Settings(max_batch_size=2))  # the real model, with torch, in each child
     try:
         process.load()
         process.warm_up(2)

@@ -45,3 +45,5 @@ def test_model_workers_share_the_cpus_unless_threads_is_set(monkeypatch: pytest.
     assert Settings().torch_threads() == 4  # two workers by default
     assert Settings(model_workers=16).torch_threads() == 1
     assert Settings(model_workers=2, threads=3).torch_threads() == 3
+    assert Settings().torch_threads(busy_workers=1) == 8  # a batch alone: every CPU
+    assert Settings(threads=3).torch_threads(busy_workers=1) == 3  # THREADS fixes it
