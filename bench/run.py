@@ -2,7 +2,7 @@
 
 offline limit (no HTTP, in a process of its own) -> generator ceiling -> closed loops at C=1,4,16, repeats
 interleaved, against ours (MAX_BATCH_DELAY_MS=0), ours-delay10ms (=10), ours-thread (the model on one thread of
-the server process, the default before bench/results/workers), the naive server and LitServe, all running side
+the server process, the default before bench/results/workers), the naive server and LitServe, all started side
 by side -> ours and ours-thread with TIMEOUT=1.0: open-loop overload at 2x saturation (+ one request right
 after), ours: 70% soak -> bench/results/latest.json, PNG plots, README section.
 Full run: `.venv/bin/python bench/run.py` (about 20 minutes); smoke run: add `--quick`. The service's other
@@ -32,7 +32,7 @@ from typing import Any
 import load
 import report
 from photos import SIZES, make_photos
-from servers import ROOT, RunningServer, ServerSpec, batch_totals, memory_kib, sample_memory, serve, server_specs
+from servers import ROOT, RunningServer, ServerSpec, batch_totals, memory_kib, sample_memory, serve, server_specs, turn
 
 sys.path.insert(0, str(ROOT))  # settings.py, for the run's meta and the service's model layout
 
@@ -120,18 +120,19 @@ def run_curves(servers: list[RunningServer], photos: list[bytes], levels: list[i
     """Closed loops at each concurrency against every server, `repeats` times, after a short warm-up of each.
 
     Repeats are interleaved (repeat 1 of every server, then repeat 2, ...): the machine is shared and its
-    speed drifts over minutes, and a drift must not pass for a difference between servers.
+    speed drifts over minutes, and a drift must not pass for a difference between servers. The servers
+    come paused; each runs only for its turn, which starts with a short warm-up.
     """
-    for server in servers:
-        load.run(load.closed_loop(f"{server.base_url}/cls", photos, 4, cfg["warmup_seconds"], progress=False))
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {s.name: {c: [] for c in levels} for s in servers}
     for i in range(cfg["repeats"]):
         for server in servers:
-            for c in levels:
-                result = run_phase(server, load.closed_loop(f"{server.base_url}/cls", photos, c, cfg["seconds"],
-                                                            CLOSED_DEADLINE_S))
-                runs[server.name][c].append(result)
-                print(f"{server.name} C={c} run {i + 1}/{cfg['repeats']}: {load.describe(result)}")
+            with turn(server):
+                load.run(load.closed_loop(f"{server.base_url}/cls", photos, 4, cfg["warmup_seconds"], progress=False))
+                for c in levels:
+                    result = run_phase(server, load.closed_loop(f"{server.base_url}/cls", photos, c,
+                                                                cfg["seconds"], CLOSED_DEADLINE_S))
+                    runs[server.name][c].append(result)
+                    print(f"{server.name} C={c} run {i + 1}/{cfg['repeats']}: {load.describe(result)}")
     return {name: {str(c): {"runs": rs, "median": median_headline(rs)} for c, rs in by_level.items()}
             for name, by_level in runs.items()}
 
@@ -290,11 +291,13 @@ def main() -> None:
         results["offline"] = run_offline(args.size, cfg, args.preprocess_workers,
                                          service.model_workers if service.inference_process else 1)
         results["meta"]["torch_threads"] = results["offline"]["runs"][0]["torch_threads"]
-    with ExitStack() as stack:  # every server runs side by side, idle but for its turn
+    with ExitStack() as stack:  # every server started side by side, then paused but for its turn
         servers = [stack.enter_context(serve(server_specs()[name], log_dir)) for name in names]
+        for server in servers:
+            server.pause()
         if "ours" in names:
-            results["ceiling"] = load.run(load.ceiling(servers[names.index("ours")].base_url, 32,
-                                                       cfg["ceiling_seconds"]))
+            with turn(servers[names.index("ours")]) as ours:
+                results["ceiling"] = load.run(load.ceiling(ours.base_url, 32, cfg["ceiling_seconds"]))
             print(f"generator ceiling (GET /healthz, C=32): {load.describe(results['ceiling'])}")
         results["servers"] = run_curves(servers, photos, levels, cfg)
     for name in overload_names:
