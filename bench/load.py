@@ -2,7 +2,9 @@
 
 Open loop launches each request at its scheduled time as its own task, whatever earlier ones are
 doing, and measures latency from that scheduled time: a slow server cannot hide its queue by slowing
-the generator down (no coordinated omission). Run as `python bench/load.py`; run.py imports it.
+the generator down (no coordinated omission). Latencies come from time.perf_counter: uvloop's loop clock,
+which times the deadlines and the schedule, has whole milliseconds, read once per loop iteration.
+Run as `python bench/load.py`; run.py imports it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import itertools
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -196,9 +199,9 @@ async def closed_loop(url: str, photos: list[bytes] | None, concurrency: int, du
 
             async def one_client() -> None:
                 while loop.time() < end and len(outcomes) < max_requests:
-                    sent = loop.time()
-                    status = await _send(connections, next(requests), sent + deadline_s)
-                    outcomes.append(Outcome(status, loop.time() - sent))
+                    sent = time.perf_counter()
+                    status = await _send(connections, next(requests), loop.time() + deadline_s)
+                    outcomes.append(Outcome(status, time.perf_counter() - sent))
                     bar.update()
 
             await asyncio.gather(*(one_client() for _ in range(concurrency)))
@@ -233,17 +236,18 @@ async def open_loop(url: str, photos: list[bytes], rate: float, duration_s: floa
     async with _Connections(target.host, target.port) as connections:
         with tqdm(total=len(offsets), desc=f"{rate:.0f}/s", unit="req", disable=not progress, leave=False) as bar:
 
-            async def one_request(scheduled: float, raw: bytes) -> None:
-                launched = loop.time()
-                status = await _send(connections, raw, scheduled + deadline_s + grace_s)
-                outcomes.append(Outcome(status, loop.time() - scheduled, launched - scheduled))
+            async def one_request(offset: float, raw: bytes) -> None:
+                launched = time.perf_counter()
+                status = await _send(connections, raw, start + offset + deadline_s + grace_s)
+                scheduled = clock_start + offset
+                outcomes.append(Outcome(status, time.perf_counter() - scheduled, launched - scheduled))
                 bar.update()
 
-            start = loop.time()
+            start, clock_start = loop.time(), time.perf_counter()
             tasks = []
             for offset in offsets:
                 await asyncio.sleep(start + offset - loop.time())  # returns at once when already late
-                tasks.append(asyncio.create_task(one_request(start + offset, next(requests))))
+                tasks.append(asyncio.create_task(one_request(offset, next(requests))))
             await asyncio.gather(*tasks)
     # Rates per second of the arrival window, the one the offered rate refers to.
     result = summarize(outcomes, loop.time() - start, deadline_s, window_s=duration_s)
@@ -262,9 +266,9 @@ async def single(url: str, photo: bytes, deadline_s: float = 5.0) -> Outcome:
     loop = asyncio.get_running_loop()
     target = _Target.parse(url)
     async with _Connections(target.host, target.port) as connections:
-        sent = loop.time()
-        status = await _send(connections, target.encode(photo), sent + deadline_s)
-        return Outcome(status, loop.time() - sent)
+        sent = time.perf_counter()
+        status = await _send(connections, target.encode(photo), loop.time() + deadline_s)
+        return Outcome(status, time.perf_counter() - sent)
 
 
 def describe(result: dict[str, Any]) -> str:
