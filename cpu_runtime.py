@@ -30,9 +30,10 @@ def limit_openmp_spinning(spin_count: int) -> bool:
 
     libgomp's default, 300000 rounds (a few ms: libgomp estimates 100000 rounds per ms), keeps a thread that
     waits for the next layer, or for a teammate the scheduler took off its core, burning a core that the event
-    loop, decoding or that teammate needs. 2000 rounds (tens of microseconds) still cover the gap between two
-    layers. libgomp reads the variable once, when torch loads: False if torch is loaded already with another
-    value. An OMP_WAIT_POLICY in the environment is the operator's choice and is left alone.
+    loop, decoding or that teammate needs. 20000 rounds (a fraction of a millisecond) still cover the gap between
+    two layers; with fewer, a thread falls asleep between layers and waking it costs more than it saved (the
+    README's Performance section). libgomp reads the variable once, when torch loads: False if torch is loaded
+    already with another value. An OMP_WAIT_POLICY in the environment is the operator's choice and is left alone.
     """
     if "OMP_WAIT_POLICY" in os.environ:
         return True

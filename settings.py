@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     preprocess_in_batch: bool = True
     inference_process: bool = True  # compute in child processes, out of reach of the server's GIL
     malloc_tuning: bool = True  # keep freed activation buffers mapped (glibc mallopt)
-    gomp_spincount: int = Field(default=2000, ge=0)  # idle OpenMP threads spin this long, then sleep
+    gomp_spincount: int = Field(default=20_000, ge=0)  # idle OpenMP threads spin this long, then sleep
     bf16: bool = False
     torch_compile: bool = False  # torch.compile, one graph per batch size, compiled during warm-up
 

@@ -32,9 +32,9 @@ def test_non_positive_values_are_refused(field: str) -> None:
         Settings.model_validate({field: 0})
 
 
-def test_openmp_spin_count_defaults_to_2000_and_reads_gomp_spincount(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_openmp_spin_count_defaults_to_20000_and_reads_gomp_spincount(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert Settings().gomp_spincount == 2000
+    assert Settings().gomp_spincount == 20_000
     monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # libgomp's own name, so that both read the same value
     assert Settings().gomp_spincount == 300000
 
