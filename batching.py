@@ -89,12 +89,10 @@ class BatchProcessor:
         observer: BatchObserver | None = None,
         executor: ThreadPoolExecutor | None = None,
         max_concurrent_batches: int = 1,
-        busy_batch_delay_s: float = 0.0,
     ) -> None:
         self._handle_batch = handle_batch
         self._max_batch_size = max_batch_size
         self._max_batch_delay_s = max_batch_delay_s
-        self._busy_batch_delay_s = busy_batch_delay_s
         self._max_queue_size = max_queue_size
         self._admit_fraction = admit_fraction
         self._observer = observer
@@ -218,14 +216,10 @@ class BatchProcessor:
             self._idle.set()
             self._wakeup.clear()
             await self._wakeup.wait()
-        # Wait for company, counted from the oldest job's arrival, not from when we started looking; and
-        # while another batch computes (max_concurrent_batches > 1), up to busy_batch_delay_s from now.
-        wait_until = self._pending[0].enqueued + self._max_batch_delay_s if self._max_batch_delay_s > 0 else 0.0
-        if self._busy_batch_delay_s > 0 and self._running:
-            wait_until = max(wait_until, loop.time() + self._busy_batch_delay_s)
-        if wait_until and len(self._pending) < self._max_batch_size:
+        if self._max_batch_delay_s > 0 and len(self._pending) < self._max_batch_size:
+            # Wait for company, counted from the oldest job's arrival, not from when we started looking.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(wait_until):
+                async with asyncio.timeout_at(self._pending[0].enqueued + self._max_batch_delay_s):
                     while len(self._pending) < self._max_batch_size:
                         self._wakeup.clear()
                         await self._wakeup.wait()

@@ -195,7 +195,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             observer=metrics,
             executor=model_thread,
             max_concurrent_batches=settings.model_workers,
-            busy_batch_delay_s=settings.busy_batch_delay_ms / 1000,
         )
         runtime = Runtime(settings, model, batcher, pool, model_thread)
         runner = asyncio.create_task(batcher.run())

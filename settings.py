@@ -22,8 +22,6 @@ class Settings(BaseSettings):
     timeout: float = Field(default=2.0, gt=0)
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_delay_ms: float = Field(default=0.0, ge=0)
-    # While another batch computes (MODEL_WORKERS > 1), wait up to this long for a fuller batch.
-    busy_batch_delay_ms: float = Field(default=0.0, ge=0)
     max_queue_size: int = Field(default=64, ge=1)
     # Admit a request only if the work ahead of it fits in this fraction of its remaining time.
     admit_fraction: float = Field(default=0.7, gt=0, le=1)
@@ -64,8 +62,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _delay_below_timeout(self) -> Settings:
-        for name in ("max_batch_delay_ms", "busy_batch_delay_ms"):
-            if (delay_ms := getattr(self, name)) / 1000 >= self.timeout:
-                raise ValueError(f"{name} ({delay_ms}) must be below timeout ({self.timeout} s): "
-                                 "every request would time out")
+        if self.max_batch_delay_ms / 1000 >= self.timeout:
+            raise ValueError(
+                f"max_batch_delay_ms ({self.max_batch_delay_ms}) must be below "
+                f"timeout ({self.timeout} s): every request would time out"
+            )
         return self

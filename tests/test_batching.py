@@ -384,31 +384,3 @@ async def test_close_finishes_every_running_batch(recorder: Recorder, observer: 
     assert [await t for t in running] == ["ra", "rb"]
     with pytest.raises(ShuttingDownError):
         await pending
-
-
-
-@pytest.mark.parametrize("company", [False, True])
-async def test_while_another_batch_computes_a_batch_waits_busy_delay_for_company(make: Any, recorder: Recorder,
-                                                                                 company: bool) -> None:
-    processor = make(max_batch_size=2, max_concurrent_batches=2, busy_batch_delay_s=0.3)
-    loop = asyncio.get_running_loop()
-    recorder.gate.clear()
-    start = loop.time()
-    jobs = [asyncio.create_task(processor.submit("a", later()))]
-    await wait_inside(recorder, 1)
-    assert loop.time() - start < 0.25  # nothing else computed: it left at once
-    start = loop.time()
-    jobs.append(asyncio.create_task(processor.submit("b", later())))
-    if company:
-        await asyncio.sleep(0.05)  # within the delay: "c" joins "b", which did not take the free slot alone
-        jobs.append(asyncio.create_task(processor.submit("c", later())))
-        await wait_inside(recorder, 2)
-        assert loop.time() - start < 0.25  # a full batch leaves as soon as it is full
-    else:
-        await asyncio.sleep(0.2)
-        assert recorder.inside == 1  # "b" still waits for company
-        await wait_inside(recorder, 2)  # and leaves alone once the delay has passed
-        assert loop.time() - start >= 0.3
-    recorder.gate.set()
-    assert [await job for job in jobs] == [f"r{x}" for x in "abc"[:len(jobs)]]
-    assert sorted(recorder.batches) == ([["a"], ["b", "c"]] if company else [["a"], ["b"]])
