@@ -102,7 +102,8 @@ def markdown(results: dict[str, Any], plots: list[Path], readme_dir: Path) -> st
         f"torch {meta['torch']}" + (f" ({meta['torch_threads']} threads)" if meta.get("torch_threads") else "") +
         f", {meta['size']} JPEGs, "
         f"median of {meta['repeats']} run(s) of {meta['seconds']:g} s each, {meta['date']}. "
-        "Generator and server share the machine.",
+        "Generator and server share the machine; the other servers are paused (SIGSTOP) meanwhile, and each "
+        "repeat of the offline limit runs between the servers' repeats.",
         "",
         f"| server | C={low} p50 / p99 (ms) | C={sat} 200s/s | C={sat} p50 / p99 (ms) | mean batch at C={sat} |",
         "|---|---|---|---|---|",

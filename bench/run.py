@@ -1,11 +1,12 @@
 """Benchmark everything in one go, with the same photos and the same load generator for every server.
 
-offline limit (no HTTP, in a process of its own) -> generator ceiling -> closed loops at C=1,4,16, repeats
-interleaved, against ours (MAX_BATCH_DELAY_MS=0), ours-delay10ms (=10), ours-thread (the model on one thread of
-the server process, the default before bench/results/workers), the naive server and LitServe, all started side
-by side -> ours and ours-thread with TIMEOUT=1.0: open-loop overload at 2x saturation (+ one request right
-after), ours: 70% soak -> bench/results/latest.json, PNG plots, README section.
-Full run: `.venv/bin/python bench/run.py` (about 20 minutes); smoke run: add `--quick`. The service's other
+all servers started side by side, then paused -> generator ceiling -> per repeat: the offline limit (no HTTP,
+in processes of its own), then closed loops at C=1,4,16 against ours (MAX_BATCH_DELAY_MS=0), ours-delay10ms
+(=10), ours-thread (the model on one thread of the server process, the default before bench/results/workers),
+the naive server and LitServe, each running only for its turn -> ours and ours-thread with TIMEOUT=1.0:
+open-loop overload at 2x saturation (+ one request right after), ours: 70% soak -> bench/results/latest.json,
+PNG plots, README section.
+Full run: `.venv/bin/python bench/run.py` (about 25 minutes); smoke run: add `--quick`. The service's other
 settings are measured on demand: `--servers ours,ours-process,...` (the variants in servers.py).
 """
 
@@ -89,42 +90,53 @@ def _median_throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"throughput": rows, "best_batch_size": best["batch_size"], "best_images_per_s": best["images_per_s"]}
 
 
-def run_offline(size: str, cfg: dict[str, Any], preprocess_workers: int, processes: int) -> dict[str, Any]:
-    """Run bench/offline.py per repeat, each in its own process, so that the generator stays free of torch:
+class Offline:
+    """bench/offline.py, one run per repeat, each in its own process, so that the generator stays free of torch:
     one process on every core (the limit as the issue defines it) and, where the service runs its model in
-    `processes` processes, that layout too (the limit of the service's own configuration)."""
-    runs: dict[str, list[dict[str, Any]]] = {"one": [], "processes": []} if processes > 1 else {"one": []}
-    with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
-        for i in range(cfg["repeats"]):
-            for layout in runs:
-                out = Path(tmp) / f"{layout}{i}.json"
-                what = "one process" if layout == "one" else f"{processes} processes"
-                print(f"offline run {i + 1}/{cfg['repeats']} ({what}):", flush=True)
-                extra = (["--processes", str(processes)] if layout == "processes" else
-                         ["--preprocess-workers", str(preprocess_workers), "--latency-runs", str(cfg["latency_runs"])])
-                subprocess.run([sys.executable, str(Path(__file__).with_name("offline.py")), "--size", size,
-                                "--batch-sizes", "1,2,4,8,16", "--seconds", str(cfg["offline_seconds"]), *extra,
-                                "--out", str(out)], check=True)
-                runs[layout].append(json.loads(out.read_text()))
-    one = runs["one"]
-    result = {"runs": one, "median": {**_median_throughput(one), "single_image_ms": statistics.median(
-        run["single_image"]["median_ms"] for run in one)}}
-    if "processes" in runs:
-        result["processes"] = {"runs": runs["processes"], "median": _median_throughput(runs["processes"]),
-                               "processes": processes, "torch_threads": runs["processes"][0]["torch_threads"]}
-    return result
+    `processes` processes, that layout too (the limit of the service's own configuration). Its repeats are
+    interleaved with the servers' (run_curves), so that a drift of the machine does not pass for a ratio."""
+
+    def __init__(self, size: str, cfg: dict[str, Any], preprocess_workers: int, processes: int) -> None:
+        self._size, self._cfg, self._preprocess_workers, self._processes = size, cfg, preprocess_workers, processes
+        self._runs: dict[str, list[dict[str, Any]]] = {"one": [], "processes": []} if processes > 1 else {"one": []}
+        self._tmp = Path(tempfile.mkdtemp(prefix="bench-offline-"))
+
+    def run(self, i: int) -> None:
+        for layout, runs in self._runs.items():
+            out = self._tmp / f"{layout}{i}.json"
+            what = "one process" if layout == "one" else f"{self._processes} processes"
+            print(f"offline run {i + 1}/{self._cfg['repeats']} ({what}):", flush=True)
+            extra = (["--processes", str(self._processes)] if layout == "processes" else
+                     ["--preprocess-workers", str(self._preprocess_workers), "--latency-runs",
+                      str(self._cfg["latency_runs"])])
+            subprocess.run([sys.executable, str(Path(__file__).with_name("offline.py")), "--size", self._size,
+                            "--batch-sizes", "1,2,4,8,16", "--seconds", str(self._cfg["offline_seconds"]), *extra,
+                            "--out", str(out)], check=True)
+            runs.append(json.loads(out.read_text()))
+
+    def result(self) -> dict[str, Any]:
+        one = self._runs["one"]
+        result = {"runs": one, "median": {**_median_throughput(one), "single_image_ms": statistics.median(
+            run["single_image"]["median_ms"] for run in one)}}
+        if processes := self._runs.get("processes"):
+            result["processes"] = {"runs": processes, "median": _median_throughput(processes),
+                                   "processes": self._processes, "torch_threads": processes[0]["torch_threads"]}
+        return result
 
 
-def run_curves(servers: list[RunningServer], photos: list[bytes], levels: list[int],
-               cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def run_curves(servers: list[RunningServer], photos: list[bytes], levels: list[int], cfg: dict[str, Any],
+               offline: Offline | None = None) -> dict[str, dict[str, Any]]:
     """Closed loops at each concurrency against every server, `repeats` times, after a short warm-up of each.
 
     Repeats are interleaved (repeat 1 of every server, then repeat 2, ...): the machine is shared and its
     speed drifts over minutes, and a drift must not pass for a difference between servers. The servers
-    come paused; each runs only for its turn, which starts with a short warm-up.
+    come paused; each runs only for its turn, which starts with a short warm-up. Each repeat starts with
+    the offline limit's (while every server is paused).
     """
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {s.name: {c: [] for c in levels} for s in servers}
     for i in range(cfg["repeats"]):
+        if offline is not None:
+            offline.run(i)
         for server in servers:
             with turn(server):
                 load.run(load.closed_loop(f"{server.base_url}/cls", photos, 4, cfg["warmup_seconds"], progress=False))
@@ -286,11 +298,11 @@ def main() -> None:
 
     photos = make_photos()[args.size]
     results: dict[str, Any] = {"meta": meta(args, cfg), "latency_levels": [levels[0], levels[-1]], "servers": {}}
+    offline = None
     if not args.skip_offline:
         service = Settings()
-        results["offline"] = run_offline(args.size, cfg, args.preprocess_workers,
-                                         service.model_workers if service.inference_process else 1)
-        results["meta"]["torch_threads"] = results["offline"]["runs"][0]["torch_threads"]
+        offline = Offline(args.size, cfg, args.preprocess_workers,
+                          service.model_workers if service.inference_process else 1)
     with ExitStack() as stack:  # every server started side by side, then paused but for its turn
         servers = [stack.enter_context(serve(server_specs()[name], log_dir)) for name in names]
         for server in servers:
@@ -299,7 +311,10 @@ def main() -> None:
             with turn(servers[names.index("ours")]) as ours:
                 results["ceiling"] = load.run(load.ceiling(ours.base_url, 32, cfg["ceiling_seconds"]))
             print(f"generator ceiling (GET /healthz, C=32): {load.describe(results['ceiling'])}")
-        results["servers"] = run_curves(servers, photos, levels, cfg)
+        results["servers"] = run_curves(servers, photos, levels, cfg, offline)
+    if offline is not None:
+        results["offline"] = offline.result()
+        results["meta"]["torch_threads"] = results["offline"]["runs"][0]["torch_threads"]
     for name in overload_names:
         saturation = results["servers"][name][str(levels[-1])]["median"]["ok_per_s"]
         if not saturation:
