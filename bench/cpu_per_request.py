@@ -3,7 +3,8 @@
 Starts the service (or a variant from servers.py) on a free port, runs C clients for a while, and prints
 the CPU time each thread of the server's processes (its whole process group: LitServe's workers too) and
 the generator spent per answered request. A process's first thread (tid = pid) is its event loop or main
-thread. Run as `python bench/cpu_per_request.py [--server ours] [--concurrency 16]`.
+thread. Run as `python bench/cpu_per_request.py [--server ours] [--concurrency 16]`; `--concurrency 0` measures
+the server idle, with no load (what it takes from a server under test beside it).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def thread_cpu_s(group: int) -> dict[tuple[int, int], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default="ours", choices=sorted(server_specs()))
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16, help="clients; 0: no load, the server idle")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--size", choices=sorted(SIZES), default="640x480")
     args = parser.parse_args()
@@ -47,6 +48,11 @@ def main() -> None:
         url = f"{server.base_url}/cls"
         load.run(load.closed_loop(url, photos, 4, 2.0, progress=False))
         before, generator_before = thread_cpu_s(server.pid), time.process_time()
+        if not args.concurrency:
+            time.sleep(args.duration)
+            idle = sum(thread_cpu_s(server.pid).values()) - sum(before.values())
+            print(f"idle for {args.duration:g} s: {100 * idle / args.duration:.2f} % of a core")
+            return
         result = load.run(load.closed_loop(url, photos, args.concurrency, args.duration, progress=False))
         after, generator_after = thread_cpu_s(server.pid), time.process_time()
     answered = sum(n for status, n in result["status_counts"].items() if status.isdigit())
