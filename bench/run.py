@@ -99,20 +99,20 @@ class Offline:
     def __init__(self, size: str, cfg: dict[str, Any], preprocess_workers: int, processes: int) -> None:
         self._size, self._cfg, self._preprocess_workers, self._processes = size, cfg, preprocess_workers, processes
         self._runs: dict[str, list[dict[str, Any]]] = {"one": [], "processes": []} if processes > 1 else {"one": []}
-        self._tmp = Path(tempfile.mkdtemp(prefix="bench-offline-"))
 
     def run(self, i: int) -> None:
         for layout, runs in self._runs.items():
-            out = self._tmp / f"{layout}{i}.json"
             what = "one process" if layout == "one" else f"{self._processes} processes"
             print(f"offline run {i + 1}/{self._cfg['repeats']} ({what}):", flush=True)
             extra = (["--processes", str(self._processes)] if layout == "processes" else
                      ["--preprocess-workers", str(self._preprocess_workers), "--latency-runs",
                       str(self._cfg["latency_runs"])])
-            subprocess.run([sys.executable, str(Path(__file__).with_name("offline.py")), "--size", self._size,
-                            "--batch-sizes", "1,2,4,8,16", "--seconds", str(self._cfg["offline_seconds"]), *extra,
-                            "--out", str(out)], check=True)
-            runs.append(json.loads(out.read_text()))
+            with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
+                out = Path(tmp) / "offline.json"
+                subprocess.run([sys.executable, str(Path(__file__).with_name("offline.py")), "--size", self._size,
+                                "--batch-sizes", "1,2,4,8,16", "--seconds", str(self._cfg["offline_seconds"]), *extra,
+                                "--out", str(out)], check=True)
+                runs.append(json.loads(out.read_text()))
 
     def result(self) -> dict[str, Any]:
         one = self._runs["one"]
