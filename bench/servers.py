@@ -42,11 +42,11 @@ class RunningServer:
 
     def pause(self) -> None:
         """Freeze the server's whole process group (SIGSTOP): an idle server must not take CPU from the one
-        under test. LitServe's idle workers poll their queues: about 15 % of a core here."""
-        os.killpg(self.pid, signal.SIGSTOP)
+        under test (`bench/cpu_per_request.py --server litserve --concurrency 0`: LitServe's idle workers poll)."""
+        _signal_group(self.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.killpg(self.pid, signal.SIGCONT)
+        _signal_group(self.pid, signal.SIGCONT)
 
 
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
@@ -99,20 +99,20 @@ def free_port() -> int:
         return port
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)  # start_new_session: the group id is the leader's pid
+def _signal_group(leader: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):  # the whole group has exited
+        os.killpg(leader, sig)  # start_new_session: the group id is the leader's pid
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     try:
-        _signal_group(proc, signal.SIGCONT)  # a paused server handles SIGTERM only once it runs again
-        _signal_group(proc, signal.SIGTERM)
+        _signal_group(proc.pid, signal.SIGCONT)  # a paused server handles SIGTERM only once it runs again
+        _signal_group(proc.pid, signal.SIGTERM)
         proc.wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pass
     finally:  # also on a second Ctrl-C: children may outlive the leader, so kill the whole group
-        _signal_group(proc, signal.SIGKILL)
+        _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
