@@ -48,17 +48,18 @@ def main() -> None:
         url = f"{server.base_url}/cls"
         load.run(load.closed_loop(url, photos, 4, 2.0, progress=False))
         before, generator_before = thread_cpu_s(server.pid), time.process_time()
-        if not args.concurrency:
+        if args.concurrency:
+            result = load.run(load.closed_loop(url, photos, args.concurrency, args.duration, progress=False))
+        else:
             time.sleep(args.duration)
-            idle = sum(thread_cpu_s(server.pid).values()) - sum(before.values())
-            print(f"idle for {args.duration:g} s: {100 * idle / args.duration:.2f} % of a core")
-            return
-        result = load.run(load.closed_loop(url, photos, args.concurrency, args.duration, progress=False))
         after, generator_after = thread_cpu_s(server.pid), time.process_time()
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    if not args.concurrency:
+        print(f"idle for {args.duration:g} s: {100 * sum(spent.values()) / args.duration:.2f} % of a core")
+        return
     answered = sum(n for status, n in result["status_counts"].items() if status.isdigit())
     print(load.describe(result))
     print(f"generator: {1000 * (generator_after - generator_before) / answered:.2f} ms/request")
-    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
     for (pid, tid), seconds in sorted(spent.items(), key=lambda item: -item[1]):
         if seconds > 0.01:
             name = f"process {pid} " + ("main thread" if tid == pid else f"thread {tid}")
